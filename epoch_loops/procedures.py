@@ -1,0 +1,49 @@
+"""The procedures `main.py --procedure NAME` dispatches to, and the set-up every run shares.
+
+Each entry names `module:function`; the module is imported only when that procedure runs, so `--help` stays
+fast. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds what it needs from `cfg`, writes its
+outputs into `run`, and honours `cfg.dry_run` where it builds a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from utilities.config import Config
+from utilities.log import setup_logging
+from utilities.run_dir import RunDir
+from utilities.seeding import seed_everything
+
+PROCEDURES: dict[str, str] = {
+    "demo": "epoch_loops.demo:demo",
+    "eval": "epoch_loops.evaluate:evaluate",
+    "data_summary": "epoch_loops.data:data_summary",
+    "pack_features": "epoch_loops.data:pack_features",
+}
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> str:
+    """'auto' → cuda if available, else cpu; an explicit cuda device without CUDA is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"main.py: error: --device {name} requested but CUDA is not available")
+    return name
+
+
+def run_procedure(cfg: Config) -> int:
+    """Seed, open the run directory (config.json, TensorBoard), then run the procedure."""
+    setup_logging(progress=cfg.progress)
+    cfg.device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    module_name, function_name = PROCEDURES[cfg.procedure].split(":")
+    procedure = getattr(importlib.import_module(module_name), function_name)
+    with RunDir.open(cfg) as run:
+        log.info("run directory: %s", run.path)
+        procedure(cfg, run)
+    return 0

@@ -1,0 +1,129 @@
+"""Command line of the framework: `python main.py --procedure NAME [--flags]`.
+
+Flags keep the original BMT/BMHRL names where they exist, so the papers' command lines work. Everything below
+this file takes a `Config`; nothing else parses the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from epoch_loops.procedures import PROCEDURES, run_procedure
+from utilities.config import BoolFlag, OneLineErrorParser, config_from_argv
+from utilities.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="main.py",
+        description="RL on multimodal video data: BMHRL dense video captioning and LR2PPO label ranking.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--procedure", required=True, choices=sorted(PROCEDURES), help="what to run")
+    parser.add_argument(
+        "--config", default=None, help="a saved run's config.json; explicit flags win over it"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'"
+    )
+    parser.add_argument(
+        "--dry_run", action="store_true", help="build data/model/optimiser, print a summary, exit"
+    )
+    parser.add_argument("--resume", default=None, help="checkpoint to resume training from (exact resume)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_meta_path", default="./data/train.csv")
+    data.add_argument("--val_1_meta_path", default="./data/val_1.csv")
+    data.add_argument("--val_2_meta_path", default="./data/val_2.csv")
+    data.add_argument("--modality", default="audio_video", choices=["audio", "video", "audio_video"])
+    data.add_argument("--video_feature_name", default="i3d", choices=["i3d"])
+    data.add_argument("--audio_feature_name", default="vggish", choices=["vggish"])
+    data.add_argument(
+        "--video_features_path",
+        default="./data/i3d_25fps_stack64step64_2stream_npy/",
+        help="directory of <vid>_rgb.npy/<vid>_flow.npy, or one packed .h5 file",
+    )
+    data.add_argument(
+        "--audio_features_path",
+        default="./data/vggish_npy/",
+        help="directory of <vid>.npy, or one packed .h5",
+    )
+    data.add_argument("--d_vid", type=int, default=1024, help="raw video feature dimension")
+    data.add_argument("--d_aud", type=int, default=128, help="raw audio feature dimension")
+    data.add_argument(
+        "--skip_missing_features",
+        action=BoolFlag,
+        default=False,
+        help="drop segments whose features are missing",
+    )
+    data.add_argument(
+        "--word_emb_caps", default="./.vector_cache/glove.840B.300d.zip", help="GloVe .txt/.zip or 'random'"
+    )
+    data.add_argument(
+        "--unfreeze_word_emb", action=BoolFlag, default=False, help="fine-tune the word embeddings"
+    )
+    data.add_argument(
+        "--vocab_path", default=None, help="an itos list (one token per line or JSON list) to load"
+    )
+    data.add_argument(
+        "--min_freq_caps", type=int, default=1, help="minimum train frequency of a vocabulary word"
+    )
+    data.add_argument("--unk_token", default="<unk>", help="unknown-word token (the original's: ' UNK ')")
+    data.add_argument("--start_token", default="<s>")
+    data.add_argument("--end_token", default="</s>")
+    data.add_argument("--pad_token", default="<blank>")
+    data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument(
+        "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
+    )
+    data.add_argument("--out", default=None, help="pack_features: the .h5 file to write")
+    data.add_argument(
+        "--demo_dir", default="./.cache/demo", help="where the built-in demo dataset is generated"
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--d_model_caps", type=int, default=300, help="caption width (= word embedding size)")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--B", type=int, default=16, help="train batch size")
+    training.add_argument("--inf_B_coeff", type=int, default=2, help="validation batch = inf_B_coeff × B")
+
+    parser.add_argument_group("RL")
+    parser.add_argument_group("ranking")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--task", default="captioning", choices=["captioning"], help="eval: what to evaluate"
+    )
+    evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
+    evaluation.add_argument(
+        "--reference_paths",
+        nargs="+",
+        default=["./data/val_1_no_missings.json", "./data/val_2_no_missings.json"],
+        help="reference JSONs",
+    )
+    evaluation.add_argument("--tIoUs", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    evaluation.add_argument("--max_prop_per_vid", type=int, default=100, help="predictions kept per video")
+    evaluation.add_argument("--soda", action=BoolFlag, default=False, help="also compute SODA_c")
+    evaluation.add_argument("--metrics_out", default=None, help="also write the metrics JSON here")
+
+    logging_ = parser.add_argument_group("logging")
+    logging_.add_argument("--log_dir", default="./log/", help="runs go to <log_dir>/<procedure>/<exp_name>/")
+    logging_.add_argument("--exp_name", default=None, help="run name; defaults to a timestamp")
+    logging_.add_argument("--progress", action=BoolFlag, default=True, help="tqdm bars (only on a TTY)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_argv(build_parser(), sys.argv[1:] if argv is None else argv)
+    try:
+        return run_procedure(cfg)
+    except InputError as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The run configuration: parsed flags as one object, saved as `config.json` in every run directory.
+
+`--config run_dir/config.json` reloads a saved run; flags given explicitly on the command line win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, NoReturn
+
+log = logging.getLogger(__name__)
+
+
+class BoolFlag(argparse.Action):
+    """A real boolean: `--x` sets True, `--no-x` (or `--no_x`) sets False. Never `type=bool`."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: bool = False, help: str | None = None):
+        names = list(option_strings)
+        for name in option_strings:
+            if name.startswith("--"):
+                names += [f"--no-{name[2:]}", f"--no_{name[2:]}"]
+        super().__init__(names, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, not option_string.startswith("--no"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings[:2])
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag or value is reported on one line (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Config:
+    """Attribute access to the run's settings; JSON round-trip with `save`/`load`."""
+
+    def __init__(self, **settings: Any):
+        self.__dict__.update(settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            settings = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings, got {type(settings).__name__}")
+        return cls(**settings)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in sorted(self.__dict__.items()))})"
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """The settings given on the command line itself (defaults suppressed)."""
+    defaults = {}
+    for action in parser._actions:
+        defaults[action.dest] = action.default
+        action.default = argparse.SUPPRESS
+    required = {a.dest: a.required for a in parser._actions}
+    for action in parser._actions:
+        action.required = False
+    try:
+        return vars(parser.parse_args(argv))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+            action.required = required[action.dest]
+
+
+def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config:
+    """Parse `argv`; with `--config FILE`, start from FILE's settings and let explicit flags override them."""
+    explicit = _explicit_flags(parser, argv)
+    if "config" not in explicit or explicit["config"] is None:
+        return Config(**vars(parser.parse_args(argv)))
+    try:
+        saved = Config.load(explicit["config"]).to_dict()
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log.warning(
+            "%s: ignoring settings this version does not know: %s", explicit["config"], ", ".join(unknown)
+        )
+    settings = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    settings.update({k: v for k, v in saved.items() if k in known})
+    settings.update(explicit)
+    settings.pop("help", None)
+    if settings.get("procedure") is None:
+        parser.error("--procedure is required (neither given nor in the config file)")
+    if settings["procedure"] not in _choices(parser, "procedure"):
+        parser.error(f"unknown procedure {settings['procedure']!r} in {explicit['config']}")
+    return Config(**settings)
+
+
+def _choices(parser: argparse.ArgumentParser, dest: str) -> list[str]:
+    return next(a.choices for a in parser._actions if a.dest == dest)
