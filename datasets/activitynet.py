@@ -1,0 +1,388 @@
+"""ActivityNet Captions: the annotation files, the caption dataset and its batches.
+
+Files (spec §2.2–2.3): tab-separated CSVs `video_id, caption, start, end, duration, phase, idx` (one row per
+ground-truth segment) and the official reference JSONs `{video_id: {duration, timestamps, sentences}}`.
+Every row is validated; the known anomalies of the real train.csv (start ≥ end, end > duration) are kept,
+counted in one warning, and cropped deliberately (`datasets.features.crop_indices`).
+
+A batch (`CaptionBatch`) carries explicit lengths and boolean masks (True = a real row/token), never a sentinel
+pad value, and the timestamps exactly as written in the CSV (Python floats parsed from the text).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from datasets.features import FeatureStore, open_feature_store
+from datasets.vocabulary import Vocabulary, tokenize
+from utilities.errors import InputError
+from utilities.seeding import data_generator, seed_worker
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("video_id", "caption", "start", "end", "duration", "phase", "idx")
+MISSING_IDS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One CSV row: a ground-truth segment and its caption."""
+
+    video_id: str
+    caption: str
+    start: float
+    end: float
+    duration: float
+    phase: str
+    idx: int
+
+
+@dataclass
+class Anomalies:
+    """Rows kept but cropped deliberately: start ≥ end (one feature row) and end > duration (clamped)."""
+
+    start_ge_end: int = 0
+    end_gt_duration: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"start_ge_end": self.start_ge_end, "end_gt_duration": self.end_gt_duration}
+
+
+@dataclass
+class Annotations:
+    path: Path
+    segments: list[Segment]
+    anomalies: Anomalies = field(default_factory=Anomalies)
+
+    @property
+    def video_ids(self) -> list[str]:
+        """Distinct video ids in file order."""
+        return list(dict.fromkeys(s.video_id for s in self.segments))
+
+
+def read_captions_csv(path: str | Path) -> Annotations:
+    """Read and validate a caption CSV; errors name the file, the line and the reason."""
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: caption CSV not found") from None
+    segments: list[Segment] = []
+    anomalies = Anomalies()
+    examples: list[str] = []
+    with handle:
+        reader = csv.reader(handle, delimiter="\t", quotechar='"')
+        try:
+            header = next(reader, None)
+            if header is None or tuple(header) != CSV_COLUMNS:
+                raise InputError(
+                    f"{path}: line 1: expected the tab-separated header {list(CSV_COLUMNS)}, got {header} "
+                    "(wrong column order, names or separator)"
+                )
+            for row in reader:
+                segment = _parse_row(row, path, reader.line_num, len(segments))
+                if segment.start >= segment.end or segment.end > segment.duration:
+                    anomalies.start_ge_end += segment.start >= segment.end
+                    anomalies.end_gt_duration += segment.end > segment.duration
+                    if len(examples) < 3:
+                        examples.append(
+                            f"line {reader.line_num} {segment.video_id} {segment.start}–{segment.end}"
+                        )
+                segments.append(segment)
+        except csv.Error as e:
+            raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+    if not segments:
+        raise InputError(f"{path}: no rows after the header")
+    if anomalies.start_ge_end or anomalies.end_gt_duration:
+        log.warning(
+            "%s: %d rows with start >= end and %d with end > duration: kept, cropped to the video with at least "
+            "one feature row (e.g. %s)",
+            path,
+            anomalies.start_ge_end,
+            anomalies.end_gt_duration,
+            "; ".join(examples),
+        )
+    return Annotations(path, segments, anomalies)
+
+
+def _parse_row(row: list[str], path: Path, line: int, expected_idx: int) -> Segment:
+    where = f"{path}: line {line}"
+    if len(row) != len(CSV_COLUMNS):
+        raise InputError(f"{where}: expected {len(CSV_COLUMNS)} tab-separated fields, got {len(row)}")
+    video_id, caption, start, end, duration, phase, idx = row
+    if not video_id or not caption.strip():
+        raise InputError(f"{where}: empty video_id or caption")
+    times = {}
+    for name, text in (("start", start), ("end", end), ("duration", duration)):
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{where} ({video_id}): {name} {text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise InputError(f"{where} ({video_id}): {name} {text!r} must be a finite non-negative number")
+        times[name] = value
+    if times["duration"] == 0:
+        raise InputError(f"{where} ({video_id}): duration is 0")
+    if not idx.isdigit() or int(idx) != expected_idx:
+        raise InputError(
+            f"{where} ({video_id}): idx {idx!r} must equal the 0-based row number {expected_idx}"
+        )
+    return Segment(video_id, caption, times["start"], times["end"], times["duration"], phase, int(idx))
+
+
+@dataclass(frozen=True)
+class VideoReference:
+    duration: float
+    timestamps: list[tuple[float, float]]
+    sentences: list[str]
+
+
+def read_references_json(path: str | Path) -> dict[str, VideoReference]:
+    """The official reference format; errors name the file and the video id."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: reference JSON not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected an object {{video_id: {{duration, timestamps, sentences}}}}")
+    references = {}
+    for video_id, entry in content.items():
+        try:
+            timestamps = [(float(s), float(e)) for s, e in entry["timestamps"]]
+            sentences = entry["sentences"]
+            duration = float(entry["duration"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(
+                f"{path}: {video_id}: needs duration, timestamps [[start, end], ...] and sentences"
+            ) from None
+        if len(timestamps) != len(sentences) or not all(isinstance(s, str) for s in sentences):
+            raise InputError(f"{path}: {video_id}: timestamps and sentences must be parallel lists")
+        references[video_id] = VideoReference(duration, timestamps, sentences)
+    return references
+
+
+# --- features -----------------------------------------------------------------------------------------------
+
+
+def open_stores(cfg) -> dict[str, FeatureStore]:
+    """The feature stores `--modality` needs, keyed 'video' / 'audio'."""
+    stores = {}
+    if "video" in cfg.modality:
+        stores["video"] = open_feature_store(cfg.video_features_path, "video", cfg.d_vid)
+    if "audio" in cfg.modality:
+        stores["audio"] = open_feature_store(cfg.audio_features_path, "audio", cfg.d_aud)
+    return stores
+
+
+def missing_videos(video_ids: Sequence[str], stores: dict[str, FeatureStore]) -> dict[str, list[str]]:
+    """Per modality, the ids (in file order) without features."""
+    missing = {}
+    for modality, store in stores.items():
+        available = store.video_ids()
+        absent = [v for v in dict.fromkeys(video_ids) if v not in available]
+        if absent:
+            missing[modality] = absent
+    return missing
+
+
+def drop_missing(annotations: Annotations, stores: dict[str, FeatureStore], skip: bool) -> list[Segment]:
+    """The segments whose videos have every feature; a clear error (or, with `skip`, a counted warning)."""
+    missing = missing_videos(annotations.video_ids, stores)
+    if not missing:
+        return annotations.segments
+    absent = set().union(*missing.values())
+    if not skip:
+        details = "; ".join(
+            f"{len(ids)} without {m} features in {stores[m].path} (first: {', '.join(ids[:MISSING_IDS_SHOWN])})"
+            for m, ids in missing.items()
+        )
+        raise InputError(
+            f"{annotations.path}: {len(absent)} of {len(annotations.video_ids)} videos lack features: {details}. "
+            "Pass --skip_missing_features to drop their segments."
+        )
+    kept = [s for s in annotations.segments if s.video_id not in absent]
+    log.warning(
+        "%s: dropped %d of %d segments (%d videos) whose features are missing (--skip_missing_features)",
+        annotations.path,
+        len(annotations.segments) - len(kept),
+        len(annotations.segments),
+        len(absent),
+    )
+    if not kept:
+        raise InputError(f"{annotations.path}: no segment has features left")
+    return kept
+
+
+# --- dataset and batches ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionItem:
+    features: dict[str, np.ndarray]
+    caption_ids: np.ndarray
+    segment: Segment
+
+
+@dataclass
+class CaptionBatch:
+    """A padded batch. Masks are True at real rows/tokens; `captions` is `<s> w… </s>` padded with pad_idx.
+
+    Decoder input = captions[:, :-1], target = captions[:, 1:] (with caption_mask[:, 1:] marking real targets).
+    `video`/`audio` are None when `--modality` leaves them out.
+    """
+
+    video: torch.Tensor | None  # (B, Tv, d_vid) float32, rgb + flow
+    video_mask: torch.Tensor | None  # (B, Tv) bool
+    audio: torch.Tensor | None  # (B, Ta, d_aud) float32
+    audio_mask: torch.Tensor | None  # (B, Ta) bool
+    captions: torch.Tensor  # (B, L) int64
+    caption_mask: torch.Tensor  # (B, L) bool
+    caption_lengths: torch.Tensor  # (B,) int64, with <s> and </s>
+    video_ids: list[str]
+    starts: list[float]  # exactly as in the CSV
+    ends: list[float]
+    durations: list[float]
+    raw_captions: list[str]
+    indices: list[int]  # the CSV idx of each row
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def _map_tensors(self, fn) -> CaptionBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return CaptionBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CaptionBatch:
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> CaptionBatch:
+        """Called by DataLoader(pin_memory=True)."""
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def pad_rows(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded (B, T, D) tensor and its (B, T) validity mask.
+
+    In a DataLoader worker the batch is built directly in shared memory (as torch's default collate does),
+    which saves a copy when it is handed to the main process."""
+    lengths = torch.tensor([len(a) for a in arrays])
+    out = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float32)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = torch.from_numpy(a)
+    return out, torch.arange(out.shape[1])[None, :] < lengths[:, None]
+
+
+class CaptionDataset(Dataset):
+    """Segments of one split with their feature crops and caption ids.
+
+    Captions are tokenised once here; features are read per item (so the dataset forks cheaply into
+    DataLoader workers; HDF5 handles are opened lazily in each worker).
+    """
+
+    def __init__(self, segments: Sequence[Segment], vocab: Vocabulary, stores: dict[str, FeatureStore]):
+        self.segments = list(segments)
+        self.vocab = vocab
+        self.stores = stores
+        tokens = tokenize([s.caption for s in self.segments])
+        self.caption_ids = [np.array(vocab.encode(t), dtype=np.int64) for t in tokens]
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __getitem__(self, i: int) -> CaptionItem:
+        s = self.segments[i]
+        features = {m: store.crop(s.video_id, s.start, s.end, s.duration) for m, store in self.stores.items()}
+        return CaptionItem(features, self.caption_ids[i], s)
+
+    def collate(self, items: Sequence[CaptionItem]) -> CaptionBatch:
+        padded = {m: pad_rows([it.features[m] for it in items]) for m in self.stores}
+        video, video_mask = padded.get("video", (None, None))
+        audio, audio_mask = padded.get("audio", (None, None))
+        caption_lengths = torch.tensor([len(it.caption_ids) for it in items])
+        captions = torch.full((len(items), int(caption_lengths.max())), self.vocab.pad_idx, dtype=torch.int64)
+        for i, it in enumerate(items):
+            captions[i, : len(it.caption_ids)] = torch.from_numpy(it.caption_ids)
+        segments = [it.segment for it in items]
+        return CaptionBatch(
+            video=video,
+            video_mask=video_mask,
+            audio=audio,
+            audio_mask=audio_mask,
+            captions=captions,
+            caption_mask=torch.arange(captions.shape[1])[None, :] < caption_lengths[:, None],
+            caption_lengths=caption_lengths,
+            video_ids=[s.video_id for s in segments],
+            starts=[s.start for s in segments],
+            ends=[s.end for s in segments],
+            durations=[s.duration for s in segments],
+            raw_captions=[s.caption for s in segments],
+            indices=[s.idx for s in segments],
+        )
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch that depends only on (seed, epoch): an exact resume at an epoch
+    boundary sees the same order as the uninterrupted run. Call `set_epoch` before each epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = data_generator(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+def build_caption_dataset(
+    cfg, meta_path: str | Path, vocab: Vocabulary, stores: dict[str, FeatureStore] | None = None
+) -> CaptionDataset:
+    """Read `meta_path`, check the features of its videos (`--skip_missing_features`), build the dataset."""
+    annotations = read_captions_csv(meta_path)
+    stores = open_stores(cfg) if stores is None else stores
+    return CaptionDataset(drop_missing(annotations, stores, cfg.skip_missing_features), vocab, stores)
+
+
+def caption_loader(
+    dataset: CaptionDataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
+) -> DataLoader:
+    """Train: seeded shuffle (`loader.sampler.set_epoch(e)` each epoch). Validation: file order."""
+    sampler = SeededShuffleSampler(len(dataset), seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=dataset.collate,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        generator=data_generator(seed),
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def train_loader(cfg, dataset: CaptionDataset) -> DataLoader:
+    return caption_loader(dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+
+
+def val_loader(cfg, dataset: CaptionDataset) -> DataLoader:
+    return caption_loader(dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers)

@@ -1,0 +1,135 @@
+"""Word embeddings for the caption vocabulary: GloVe (`.txt` or `.zip`) or random.
+
+Parsing the 2.2M×300 GloVe text takes minutes, so the first load writes a binary cache next to the file
+(`<name>.words.txt` + `<name>.vectors.f32`, raw float32 rows); later loads memory-map the vectors and gather only the
+vocabulary's rows. Lookup as in the original: each token `.strip().lower()`; a missing word gets zeros.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from utilities.errors import InputError
+from utilities.log import progress
+
+log = logging.getLogger(__name__)
+
+
+def cache_paths(glove_path: Path) -> tuple[Path, Path]:
+    return glove_path.with_name(glove_path.name + ".words.txt"), glove_path.with_name(
+        glove_path.name + ".vectors.f32"
+    )
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a GloVe `.txt`, or of the single `.txt` member of a `.zip`."""
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".txt")]
+            if len(members) != 1:
+                raise InputError(f"{path}: expected exactly one .txt member, found {members}")
+            with archive.open(members[0]) as raw:
+                yield from io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    else:
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            yield from handle
+
+
+def convert_glove(path: Path, words_path: Path, vectors_path: Path) -> None:
+    """Stream the text into the cache: words one per line, vectors as raw float32 rows (constant memory).
+    The vector is the last d fields of a line (a few 840B words contain spaces); d comes from the first line."""
+    tmp_words, tmp_vectors = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (words_path, vectors_path))
+    dim = None
+    try:
+        with tmp_words.open("w", encoding="utf-8") as words, tmp_vectors.open("wb") as vectors:
+            lines = progress(_text_lines(path), desc=f"converting {path.name}", unit="word")
+            for line_number, line in enumerate(lines, 1):
+                fields = line.rstrip("\n").rstrip(" ").split(" ")
+                dim = dim or len(fields) - 1
+                if dim < 1 or len(fields) < dim + 1:
+                    raise InputError(f"{path}: line {line_number}: expected a word and {dim} numbers")
+                try:
+                    vectors.write(np.array(fields[-dim:], dtype=np.float32).tobytes())
+                except ValueError:
+                    raise InputError(f"{path}: line {line_number}: non-numeric vector value") from None
+                words.write(" ".join(fields[:-dim]) + "\n")
+        if dim is None:
+            raise InputError(f"{path}: no vectors")
+        os.replace(tmp_vectors, vectors_path)
+        os.replace(tmp_words, words_path)
+    finally:
+        tmp_words.unlink(missing_ok=True)
+        tmp_vectors.unlink(missing_ok=True)
+
+
+def load_glove(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Words and memory-mapped (N, d) vectors, through the binary cache (converted on first use)."""
+    path = Path(path)
+    words_path, vectors_path = cache_paths(path)
+    if not (words_path.is_file() and vectors_path.is_file()):
+        if not path.is_file():
+            raise InputError(
+                f"{path}: word embedding file not found (run download_data.sh, or --word_emb_caps random)"
+            )
+        log.info("converting %s to a binary cache (once)", path)
+        convert_glove(path, words_path, vectors_path)
+    words = words_path.read_text(encoding="utf-8")[:-1].split("\n")
+    n_values = vectors_path.stat().st_size // 4
+    if n_values % len(words):
+        raise InputError(f"{vectors_path}: size does not match {len(words)} words: delete the cache files")
+    vectors = np.memmap(vectors_path, dtype=np.float32, mode="r", shape=(len(words), n_values // len(words)))
+    return words, vectors
+
+
+def glove_matrix(path: str | Path, itos: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """(V, d) vectors for the vocabulary and the number of tokens found; missing tokens get zeros."""
+    words, vectors = load_glove(path)
+    index = {w: i for i, w in enumerate(words)}  # later duplicates win
+    rows = [index.get(token.strip().lower()) for token in itos]
+    matrix = np.zeros((len(itos), vectors.shape[1]), dtype=np.float32)
+    found = [(i, r) for i, r in enumerate(rows) if r is not None]
+    if found:
+        at, source = zip(*found, strict=True)
+        order = np.argsort(source)  # sorted reads of the memory map
+        matrix[np.array(at)[order]] = vectors[np.array(source)[order]]
+    return torch.from_numpy(matrix), len(found)
+
+
+def embedding_matrix(spec: str, itos: Sequence[str], dim: int, seed: int = 0) -> torch.Tensor:
+    """`spec` is a GloVe path or 'random' (N(0, 1), seeded)."""
+    if spec == "random":
+        return torch.randn(len(itos), dim, generator=torch.Generator().manual_seed(seed))
+    matrix, found = glove_matrix(spec, itos)
+    if matrix.shape[1] != dim:
+        raise InputError(f"{spec}: vectors are {matrix.shape[1]}-d but --d_model_caps is {dim}")
+    log.info("word embeddings: %d of %d vocabulary tokens found in %s", found, len(itos), spec)
+    return matrix
+
+
+class WordEmbedding(nn.Module):
+    """Token ids → vectors × √d (the original VocabularyEmbedder); frozen unless `trainable`."""
+
+    def __init__(self, weights: torch.Tensor, trainable: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding.from_pretrained(weights, freeze=not trainable)
+        self.scale = math.sqrt(weights.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids) * self.scale
+
+
+def word_embedding_from_config(cfg, itos: Sequence[str]) -> WordEmbedding:
+    """`--word_emb_caps`, `--d_model_caps`, `--unfreeze_word_emb`."""
+    return WordEmbedding(
+        embedding_matrix(cfg.word_emb_caps, itos, cfg.d_model_caps, cfg.seed), cfg.unfreeze_word_emb
+    )
