@@ -12,7 +12,6 @@ pad value, and the timestamps exactly as written in the CSV (Python floats parse
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from datasets.features import FeatureStore, open_feature_store
 from datasets.vocabulary import Vocabulary, tokenize
 from utilities.errors import InputError
+from utilities.files import read_json
 from utilities.seeding import data_generator, seed_worker
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,7 @@ class VideoReference:
 def read_references_json(path: str | Path) -> dict[str, VideoReference]:
     """The official reference format; errors name the file and the video id."""
     path = Path(path)
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: reference JSON not found") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    content = read_json(path)
     if not isinstance(content, dict):
         raise InputError(f"{path}: expected an object {{video_id: {{duration, timestamps, sentences}}}}")
     references = {}

@@ -11,7 +11,8 @@ from datasets.features import open_feature_store, pack_directory
 from datasets.vocabulary import vocabulary_from_config
 from utilities.config import Config
 from utilities.errors import InputError
-from utilities.run_dir import RunDir, write_json_atomic
+from utilities.files import write_json_atomic
+from utilities.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any, NoReturn
 
+from utilities.errors import InputError
+from utilities.files import read_json
+
 log = logging.getLogger(__name__)
 
 
@@ -52,15 +55,9 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
-        path = Path(path)
-        try:
-            settings = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        settings = read_json(path)
         if not isinstance(settings, dict):
-            raise ValueError(f"{path}: expected a JSON object of settings, got {type(settings).__name__}")
+            raise InputError(f"{path}: expected a JSON object of settings, got {type(settings).__name__}")
         return cls(**settings)
 
     def __eq__(self, other: object) -> bool:
@@ -94,7 +91,7 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
         return Config(**vars(parser.parse_args(argv)))
     try:
         saved = Config.load(explicit["config"]).to_dict()
-    except (FileNotFoundError, ValueError) as e:
+    except InputError as e:
         parser.error(str(e))
     known = {a.dest for a in parser._actions}
     unknown = sorted(set(saved) - known)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from utilities.config import Config
+from utilities.files import write_json_atomic
 
 
 def is_rank0() -> bool:
@@ -68,14 +68,6 @@ class RunDir:
             yield run
         finally:
             run.close()
-
-
-def write_json_atomic(path: Path, content: Any) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _free_timestamp_name(root: Path) -> str:
