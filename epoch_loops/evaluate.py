@@ -1,0 +1,51 @@
+"""`main.py --procedure eval --task captioning`: score a submission file with the official dense-captioning
+metrics, print the table (×100) and a provenance line, and write the metrics JSON (fractions in [0, 1])."""
+
+from __future__ import annotations
+
+import logging
+
+from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report, load_submission
+from evaluation.meteor import JavaError
+from utilities.config import Config
+from utilities.errors import InputError
+from utilities.files import write_json_atomic
+from utilities.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: Config, run: RunDir) -> None:
+    if not cfg.submission:
+        raise InputError("--procedure eval needs --submission PRED.json")
+    results = load_submission(cfg.submission)
+    try:
+        with DenseCaptioningEvaluator(
+            cfg.reference_paths,
+            tious=cfg.tIoUs,
+            max_proposals=cfg.max_prop_per_vid,
+            soda=cfg.soda,
+            seed=cfg.seed,
+        ) as evaluator:
+            report = evaluator.evaluate(results, source=str(cfg.submission))
+    except JavaError as e:
+        raise InputError(f"evaluation needs Java: {e}") from None
+    print(report.provenance())
+    print(format_table(report))
+    run.write_json("metrics.json", report.metrics)
+    if cfg.metrics_out:
+        write_json_atomic(cfg.metrics_out, report.metrics)
+        log.info("metrics written to %s", cfg.metrics_out)
+
+
+def format_table(report: Report) -> str:
+    """One row per tIoU plus the average, values ×100 with 4 decimals."""
+    names = list(report.metrics[AVERAGE_KEY])
+    header = ["tIoU", *names]
+    rows = [[key, *(f"{100 * row[m]:.4f}" for m in names)] for key, row in report.metrics.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        " | ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=False)) for r in [header, *rows]
+    ]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)

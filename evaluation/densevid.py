@@ -1,0 +1,450 @@
+"""The ActivityNet Captions dense-captioning evaluator with the official semantics, made fast.
+
+Semantics: those of ranjaykrishna/densevid_eval at 9d4045a (the "2021" evaluator that BMT ports to Python 3):
+- for each tIoU, every prediction (the first `max_proposals` of its video, in submission order) is paired with
+  every reference segment, of any reference file, with tIoU >= t; a prediction that matches nothing is paired
+  with a single-token garbage reference (random lowercase letters, seeded here; the scores do not depend on the
+  letters);
+- captions lose their non-ASCII characters (each becomes a space) and are PTB-tokenised;
+- BLEU-1..4, METEOR, ROUGE-L and CIDEr-D are computed per reference video over that video's pairs (CIDEr-D's
+  document frequencies come from the video's references alone) and averaged over all reference videos, a video
+  without pairs scoring 0;
+- precision/recall use tIoU > t, per reference file, the max over files, averaged over reference videos;
+- the reported average is the plain mean over the tIoUs.
+Deviation: a video with an empty prediction list gets precision 0 (the original reuses a stale loop variable).
+
+Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so each distinct
+sentence is tokenised once (one Java call), each distinct pair is scored once (METEOR statistics, BLEU n-gram
+counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts, METEOR from summed
+statistics (one batched `EVAL`; METEOR's aggregate is a function of the summed statistics), CIDEr-D with the
+video's document frequencies. Every aggregation repeats pycocoevalcap's floating-point operations in the same
+order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.meteor import Meteor
+from evaluation.ngram_metrics import NGRAMS, PairNgrams, corpus_bleu
+from evaluation.soda import soda_c
+from evaluation.tokenizer import ptb_tokenize_documents
+from utilities.errors import InputError
+from utilities.files import read_json
+
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+DETECTION_METRICS = ("Precision", "Recall")
+AVERAGE_KEY = "Average across tIoUs"
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    sentence: str
+
+
+Videos = dict[str, list[Segment]]
+
+
+@dataclass
+class Report:
+    """Metrics in the official layout plus where they came from."""
+
+    metrics: dict[str, dict[str, float]]
+    reference_names: list[str]
+    n_reference_videos: int
+    n_videos_without_predictions: int
+    n_ignored_videos: int
+    n_ignored_predictions: int
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def provenance(self) -> str:
+        return (
+            f"references: {', '.join(self.reference_names)} | reference videos: {self.n_reference_videos} | "
+            f"videos without predictions: {self.n_videos_without_predictions} | ignored (unknown ids): "
+            f"{self.n_ignored_predictions} predictions of {self.n_ignored_videos} videos | garbage seed: {self.seed}"
+        )
+
+
+# ---- input ---------------------------------------------------------------------------------------------------
+def remove_nonascii(text: str) -> str:
+    """The official evaluator's treatment of non-ASCII characters: each becomes a space."""
+    return text if text.isascii() else "".join(c if ord(c) < 128 else " " for c in text)
+
+
+def load_submission(path: str | Path) -> dict[str, Any]:
+    """The `results` mapping of a submission file (`{"results": {vid: [{sentence, timestamp}]}, ...}`)."""
+    submission = read_json(path)
+    if not isinstance(submission, dict) or not isinstance(submission.get("results"), dict):
+        raise InputError(f"{path}: a submission must be a JSON object with a 'results' object")
+    return submission["results"]
+
+
+def parse_predictions(results: Mapping[str, Any], source: str = "predictions") -> Videos:
+    """Validate `{vid: [{"sentence": str, "timestamp": [start, end]}, ...]}`; errors name the video and index."""
+    if not isinstance(results, Mapping):
+        raise InputError(f"{source}: 'results' must map video ids to lists of predictions")
+    videos: Videos = {}
+    for vid, predictions in results.items():
+        if not isinstance(predictions, list):
+            raise InputError(f"{source}: video {vid!r}: expected a list of predictions")
+        segments = []
+        for i, prediction in enumerate(predictions):
+            where = f"{source}: video {vid!r}, prediction {i}"
+            if not isinstance(prediction, Mapping):
+                raise InputError(f"{where}: expected an object with 'sentence' and 'timestamp'")
+            start, end = _timestamp(prediction.get("timestamp"), where)
+            sentence = prediction.get("sentence")
+            if not isinstance(sentence, str):
+                raise InputError(f"{where}: 'sentence' must be a string, got {type(sentence).__name__}")
+            segments.append(Segment(start, end, sentence))
+        videos[vid] = segments
+    return videos
+
+
+def load_reference(path: str | Path) -> Videos:
+    """A reference file `{vid: {"timestamps": [[s, e], ...], "sentences": [...]}}` (extra keys are ignored)."""
+    data = read_json(path)
+    return parse_reference(data, str(path))
+
+
+def parse_reference(data: Any, source: str = "reference") -> Videos:
+    if not isinstance(data, Mapping):
+        raise InputError(f"{source}: a reference must map video ids to {{timestamps, sentences}}")
+    videos: Videos = {}
+    for vid, entry in data.items():
+        where = f"{source}: video {vid!r}"
+        if not isinstance(entry, Mapping):
+            raise InputError(f"{where}: expected an object with 'timestamps' and 'sentences'")
+        timestamps, sentences = entry.get("timestamps"), entry.get("sentences")
+        if (
+            not isinstance(timestamps, list)
+            or not isinstance(sentences, list)
+            or len(timestamps) != len(sentences)
+        ):
+            raise InputError(f"{where}: 'timestamps' and 'sentences' must be lists of the same length")
+        segments = []
+        for i, (timestamp, sentence) in enumerate(zip(timestamps, sentences, strict=False)):
+            start, end = _timestamp(timestamp, f"{where}, segment {i}", check_order=False)
+            if not isinstance(sentence, str):
+                raise InputError(f"{where}, segment {i}: the sentence must be a string")
+            segments.append(Segment(start, end, sentence))
+        videos[vid] = segments
+    return videos
+
+
+def _timestamp(value: Any, where: str, check_order: bool = True) -> tuple[float, float]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok:
+        raise InputError(f"{where}: 'timestamp' must be two finite numbers [start, end], got {value!r}")
+    start, end = float(value[0]), float(value[1])
+    if check_order and start > end:
+        raise InputError(f"{where}: start {start} > end {end}")
+    return start, end
+
+
+# ---- tIoU ------------------------------------------------------------------------------------------------------
+def tiou_matrix(predictions: Sequence[Segment], references: Sequence[Segment]) -> np.ndarray:
+    """tIoU of every (prediction, reference) pair, with the official formula and operation order."""
+    p = np.array([(s.start, s.end) for s in predictions], dtype=np.float64).reshape(-1, 2)
+    r = np.array([(s.start, s.end) for s in references], dtype=np.float64).reshape(-1, 2)
+    start_i, end_i = p[:, :1], p[:, 1:]
+    start, end = r[:, 0][None, :], r[:, 1][None, :]
+    intersection = np.maximum(0.0, np.minimum(end, end_i) - np.maximum(start, start_i))
+    union = np.minimum(np.maximum(end, end_i) - np.minimum(start, start_i), end - start + end_i - start_i)
+    return intersection / (union + 1e-8)
+
+
+# ---- per-pair and per-video scoring ---------------------------------------------------------------------------
+def rouge_l(hyp: str, ref: str, beta: float = 1.2) -> float:
+    """pycocoevalcap's ROUGE-L of one pair (same formula), with a bit-parallel LCS length."""
+    candidate, reference = hyp.split(" "), ref.split(" ")
+    lcs = _lcs_length(reference, candidate)
+    precision, recall = lcs / float(len(candidate)), lcs / float(len(reference))
+    if precision != 0 and recall != 0:
+        return ((1 + beta**2) * precision * recall) / float(recall + beta**2 * precision)
+    return 0.0
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (Hyyrö's bit-vector algorithm)."""
+    masks: dict[str, int] = {}
+    for i, token in enumerate(a):
+        masks[token] = masks.get(token, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for token in b:
+        u = v & masks.get(token, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+class _PairTable:
+    """Distinct (hypothesis, reference) pairs after tokenisation and their per-pair data."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[str, str], int] = {}
+        self.pairs: list[tuple[str, str]] = []
+
+    def add(self, hyp: str, ref: str) -> int:
+        key = (hyp, ref)
+        if key not in self.ids:
+            self.ids[key] = len(self.pairs)
+            self.pairs.append(key)
+        return self.ids[key]
+
+
+# ---- the evaluator ---------------------------------------------------------------------------------------------
+class DenseCaptioningEvaluator:
+    """Official dense-captioning metrics for in-memory predictions against fixed reference files.
+
+    Keep one instance for a whole training run: it holds the METEOR process (one JVM start) and the parsed
+    references. `evaluate()` takes the `results` mapping of a submission.
+    """
+
+    def __init__(
+        self,
+        references: Sequence[str | Path | Mapping[str, Any]],
+        tious: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+        max_proposals: int = 100,
+        soda: bool = False,
+        seed: int = 0,
+        java: str | None = None,
+        meteor: Meteor | None = None,
+    ):
+        if not references:
+            raise InputError("at least one reference file is needed")
+        if not tious:
+            raise InputError("at least one tIoU is needed")
+        if max_proposals < 1:
+            raise InputError(f"max_proposals must be positive, got {max_proposals}")
+        self.java = java
+        self._meteor = meteor
+        self._owns_meteor = meteor is None
+        self.meteor.start()  # the JVM loads for seconds: let it do so while the references are read
+        self.reference_names = [
+            str(r) if isinstance(r, (str, Path)) else f"<reference {i}>" for i, r in enumerate(references)
+        ]
+        self.references = [
+            load_reference(r) if isinstance(r, (str, Path)) else parse_reference(r, name)
+            for r, name in zip(references, self.reference_names, strict=False)
+        ]
+        self.video_ids = sorted(set().union(*self.references))
+        self.tious = [float(t) for t in tious]
+        self.max_proposals = max_proposals
+        self.soda = soda
+        self.seed = seed
+
+    @property
+    def meteor(self) -> Meteor:
+        if self._meteor is None:
+            self._meteor = Meteor(java=self.java)
+        return self._meteor
+
+    def close(self) -> None:
+        if self._owns_meteor and self._meteor is not None:
+            self._meteor.close()
+            self._meteor = None
+
+    def __enter__(self) -> DenseCaptioningEvaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def evaluate(self, results: Mapping[str, Any], source: str = "predictions") -> Report:
+        """Score `{vid: [{"sentence", "timestamp"}, ...]}` (a submission's `results`)."""
+        predictions = parse_predictions(results, source)
+        reference_ids = set(self.video_ids)
+        ignored = [vid for vid in predictions if vid not in reference_ids]
+        predictions = {vid: p[: self.max_proposals] for vid, p in predictions.items() if vid in reference_ids}
+        self.meteor.start()  # (re)starts the JVM if it is not running
+
+        groups, garbage = self._pair_up(predictions)
+        # The official tokenises each tIoU's hypotheses and references as two documents (videos in order, here
+        # sorted); a line's tokens can depend on the next line, so those documents are kept as they are.
+        documents = []
+        for t_index in range(len(self.tious)):
+            pairs = [pair for vid in self.video_ids for pair in groups.get((vid, t_index), [])]
+            documents += [[hyp for hyp, _ in pairs], [ref for _, ref in pairs]]
+        if self.soda:
+            documents.append(list(dict.fromkeys(_soda_sentences(predictions, self.references))))
+        tokenized = ptb_tokenize_documents(documents, java=self.java)
+        table = _PairTable()
+        group_ids = {}
+        for t_index in range(len(self.tious)):
+            hyps, refs = iter(tokenized[2 * t_index]), iter(tokenized[2 * t_index + 1])
+            for vid in self.video_ids:
+                if (vid, t_index) in groups:
+                    group_ids[vid, t_index] = tuple(
+                        table.add(next(hyps), next(refs)) for _ in groups[vid, t_index]
+                    )
+
+        detection = {}
+
+        def python_side() -> None:  # runs while METEOR (Java) scores the pairs
+            for tiou in self.tious:
+                detection[tiou] = self._detection(predictions, tiou)
+
+        scores = self._score_groups(table, group_ids, python_side)
+        metrics: dict[str, dict[str, float]] = {}
+        for t_index, tiou in enumerate(self.tious):
+            per_video = [scores.get(group_ids.get((vid, t_index))) for vid in self.video_ids]
+            bleu = np.mean([s["bleu"] if s else [0] * NGRAMS for s in per_video], axis=0)
+            row = {f"Bleu_{k + 1}": float(bleu[k]) for k in range(NGRAMS)}
+            for name, key in (("METEOR", "meteor"), ("ROUGE_L", "rouge"), ("CIDEr", "cider")):
+                row[name] = float(np.mean([s[key] if s else 0 for s in per_video]))
+            row["Precision"], row["Recall"] = detection[tiou]
+            metrics[str(tiou)] = row
+        if self.soda:
+            tokens = dict(zip(documents[-1], tokenized[-1], strict=True))
+            value = soda_c(predictions, self.references, tokens, self.meteor)
+            for row in metrics.values():
+                row["SODA_c"] = value
+        names = list(next(iter(metrics.values())))
+        metrics[AVERAGE_KEY] = {m: sum(row[m] for row in metrics.values()) / len(self.tious) for m in names}
+        return Report(
+            metrics=metrics,
+            reference_names=self.reference_names,
+            n_reference_videos=len(self.video_ids),
+            n_videos_without_predictions=sum(vid not in predictions for vid in self.video_ids),
+            n_ignored_videos=len(ignored),
+            n_ignored_predictions=sum(len(results[vid]) for vid in ignored),
+            seed=self.seed,
+            extra={"garbage_references": garbage},
+        )
+
+    # ---- pairing -------------------------------------------------------------------------------------------
+    def _pair_up(self, predictions: Videos) -> tuple[dict[tuple[str, int], list[tuple[str, str]]], int]:
+        """(video, tIoU index) → [(hyp, ref)] in the official order; unmatched predictions get garbage."""
+        rng = random.Random(self.seed)
+        garbage: dict[tuple[str, int], str] = {}
+        groups: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        for vid in self.video_ids:
+            preds = predictions.get(vid)
+            if not preds:
+                continue
+            hyps = [remove_nonascii(p.sentence) for p in preds]
+            matches = []  # per reference file containing the video: (tIoU matrix, reference sentences)
+            for reference in self.references:
+                if vid in reference:
+                    refs = reference[vid]
+                    matches.append((tiou_matrix(preds, refs), [remove_nonascii(r.sentence) for r in refs]))
+            for t_index, tiou in enumerate(self.tious):
+                pairs = []
+                for j, hyp in enumerate(hyps):
+                    before = len(pairs)
+                    for ious, refs in matches:
+                        pairs += [(hyp, refs[g]) for g in np.flatnonzero(ious[j] >= tiou)]
+                    if len(pairs) == before:
+                        if (vid, j) not in garbage:
+                            length = rng.randint(10, 20)
+                            garbage[vid, j] = "".join(
+                                rng.choice(string.ascii_lowercase) for _ in range(length)
+                            )
+                        pairs.append((hyp, garbage[vid, j]))
+                groups[vid, t_index] = pairs
+        return groups, len(garbage)
+
+    # ---- caption metrics -------------------------------------------------------------------------------------
+    def _score_groups(
+        self, table: _PairTable, group_ids: dict, meanwhile: Callable[[], None]
+    ) -> dict[tuple[int, ...], dict[str, Any]]:
+        """Scores of every distinct group of pairs: {pair ids: {bleu, meteor, rouge, cider}}.
+
+        METEOR's statistics come from Java in a background thread while Python computes the other metrics and
+        then calls `meanwhile`."""
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            meteor_stats = pool.submit(self.meteor.stats, [(hyp, [ref]) for hyp, ref in table.pairs])
+            distinct = list(set(group_ids.values()))
+            ngrams = PairNgrams(table.pairs)
+            bleu = _group_sums(ngrams.bleu_counts(), distinct).tolist()
+            cider = ngrams.cider_d(distinct)
+            rouge_scores = np.array([rouge_l(hyp, ref) for hyp, ref in table.pairs])
+            scores: dict[tuple[int, ...], dict[str, Any]] = {
+                ids: {
+                    "bleu": corpus_bleu(bleu[g]),
+                    "rouge": np.mean(rouge_scores[list(ids)]),
+                    "cider": cider[g],
+                }
+                for g, ids in enumerate(distinct)
+            }
+            meanwhile()
+            stats = meteor_stats.result()
+        summed = _sum_stats(stats, distinct)
+        aggregate = dict(zip(set(summed), self.meteor.segment_scores(list(set(summed))), strict=True))
+        for ids, line in zip(distinct, summed, strict=True):
+            scores[ids]["meteor"] = aggregate[line]
+        return scores
+
+    # ---- detection -----------------------------------------------------------------------------------------
+    def _detection(self, predictions: Videos, tiou: float) -> tuple[float, float]:
+        """Precision and recall at tIoU > t: per reference file, max over files, mean over reference videos."""
+        precision, recall = [], []
+        for vid in self.video_ids:
+            preds = predictions.get(vid, [])
+            best_precision = best_recall = 0.0
+            for reference in self.references:
+                if vid not in reference:
+                    continue
+                refs = reference[vid]
+                hit = (
+                    tiou_matrix(preds, refs) > tiou
+                    if preds and refs
+                    else np.zeros((len(preds), len(refs)), bool)
+                )
+                if preds:
+                    best_precision = max(best_precision, float(hit.any(axis=1).sum()) / len(preds))
+                if refs:
+                    best_recall = max(best_recall, float(hit.any(axis=0).sum()) / len(refs))
+            precision.append(best_precision)
+            recall.append(best_recall)
+        return sum(precision) / len(precision), sum(recall) / len(recall)
+
+
+def _group_sums(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Row sums of `values` over each group of row indices (whole numbers here, so exact in any order)."""
+    members = np.concatenate([np.asarray(group, dtype=np.int64) for group in groups])
+    starts = np.cumsum([0] + [len(group) for group in groups[:-1]])
+    return np.add.reduceat(values[members], starts, axis=0)
+
+
+def _soda_sentences(predictions: Videos, references: Sequence[Videos]) -> Iterable[str]:
+    """Every ASCII-cleaned sentence SODA_c looks up."""
+    for segments in [
+        *predictions.values(),
+        *(segs for reference in references for segs in reference.values()),
+    ]:
+        for segment in segments:
+            yield remove_nonascii(segment.sentence)
+
+
+def _sum_stats(stats: Sequence[str], groups: Sequence[Sequence[int]]) -> list[str]:
+    """METEOR statistics of each group of segments summed as METEOR's `MeteorStats.addStats` does it.
+
+    The fields are: test/reference length, test/reference function words, 4 stages × (test content, reference
+    content, test function, reference function) matches, chunks, test/reference word matches. addStats sums
+    them all except the chunk of a segment that matches completely in a single chunk. The values are whole
+    numbers, so the order of the additions does not matter.
+    """
+    values = np.array([line.split() for line in stats], dtype=np.float64).reshape(len(stats), 23)
+    test_matches = values[:, 4:20:4].sum(axis=1) + values[:, 6:20:4].sum(axis=1)
+    ref_matches = values[:, 5:20:4].sum(axis=1) + values[:, 7:20:4].sum(axis=1)
+    perfect = (test_matches == values[:, 0]) & (ref_matches == values[:, 1]) & (values[:, 20] == 1)
+    values[perfect, 20] = 0.0
+    totals = _group_sums(values, groups)
+    return [" ".join(repr(v) for v in row) for row in totals.tolist()]
