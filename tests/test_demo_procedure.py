@@ -1,0 +1,30 @@
+"""`--procedure demo`: the data pipeline and the evaluator end to end on the built-in demo data."""
+
+from __future__ import annotations
+
+import json
+
+from datasets.activitynet import read_captions_csv
+from main import main
+
+
+def test_demo_scores_the_retrieval_baseline_above_the_constant_one(tmp_path, capsys):
+    argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
+    assert main([*argv, "--exp_name", "run", "--num_workers", "0"]) == 0
+    run = tmp_path / "log" / "demo" / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    nn, constant = metrics["mean/nearest_neighbour"]["METEOR"], metrics["mean/most_frequent"]["METEOR"]
+    assert nn > constant + 0.05, "the demo features must carry the captions' content"
+    assert metrics["val_1/nearest_neighbour"]["Recall"] == 1.0
+
+    submission = json.loads((run / "captioning_results_val_1_nearest_neighbour.json").read_text())
+    segments = read_captions_csv(tmp_path / "demo" / "val_1.csv").segments
+    first = segments[0]
+    assert submission["results"][first.video_id][0]["timestamp"] == [first.start, first.end]
+    assert sum(len(v) for v in submission["results"].values()) == len(segments)
+    assert json.loads((run / "config.json").read_text())["train_meta_path"].endswith("train.csv")
+
+    capsys.readouterr()
+    assert main([*argv, "--exp_name", "dry", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary size: " in out and "trainable parameters: " in out and "METEOR" not in out
