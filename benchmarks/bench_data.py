@@ -113,8 +113,15 @@ def main() -> None:
             rate = samples_per_second(dataset, args.batch_size, workers, args.batches, args.repeats)
             results[(layout, workers)] = rate
             print(f"{layout:5s} workers={workers}: {rate:8.0f} samples/s", flush=True)
-    ratio = results[("hdf5", args.workers)] / results[("npy", 0)]
-    print(f"hdf5 with {args.workers} workers / npy without workers: {ratio:.1f}x (target >= 3x)")
+    baseline = results[("npy", 0)]  # the original data path: one np.load per sample, no workers
+    for workers in (0, args.workers):
+        print(
+            f"hdf5 with {workers} workers / npy without workers: {results[('hdf5', workers)] / baseline:.1f}x"
+        )
+    print(
+        "(each worker batch is handed over in freshly allocated shared memory, several ms per batch of real-size "
+        "features: workers pay off only where cores are free and reading, not handing over, is the cost)"
+    )
 
 
 if __name__ == "__main__":

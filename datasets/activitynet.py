@@ -277,8 +277,9 @@ def pad_rows(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float32)
     if get_worker_info() is not None:
         out.share_memory_()
+    padded = out.numpy()  # a view: copying through NumPy also takes the read-only rows of a memory map
     for i, a in enumerate(arrays):
-        out[i, : len(a)] = torch.from_numpy(a)
+        padded[i, : len(a)] = a
     return out, torch.arange(out.shape[1])[None, :] < lengths[:, None]
 
 

@@ -95,6 +95,14 @@ def load_npy(path: Path, dim: int) -> np.ndarray:
     return check_features(np.asarray(array, dtype=np.float32), dim, str(path))
 
 
+def npy_rows(path: Path) -> int:
+    """The number of rows of a `.npy` file, from its header alone."""
+    try:
+        return len(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise InputError(f"{path}: unreadable .npy file (truncated or corrupt?): {e}") from None
+
+
 class NpyVideoStore:
     """The original I3D layout: `<vid>_rgb.npy` and `<vid>_flow.npy` of equal shape; V = rgb + flow."""
 
@@ -119,6 +127,9 @@ class NpyVideoStore:
         i0, i1 = crop_indices(len(rows), start, end, duration)
         return rows[i0:i1]
 
+    def n_rows(self, video_id: str) -> int:
+        return npy_rows(self.path / f"{video_id}_rgb.npy")
+
 
 class NpyAudioStore:
     """The original VGGish layout: `<vid>.npy`."""
@@ -132,6 +143,9 @@ class NpyAudioStore:
     def rows(self, video_id: str) -> np.ndarray:
         return load_npy(self.path / f"{video_id}.npy", self.dim)
 
+    def n_rows(self, video_id: str) -> int:
+        return npy_rows(self.path / f"{video_id}.npy")
+
     def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
         rows = self.rows(video_id)
         i0, i1 = crop_indices(len(rows), start, end, duration)
@@ -139,16 +153,21 @@ class NpyAudioStore:
 
 
 class H5Store:
-    """A packed HDF5 file. The file is opened lazily in each process, so the store can be handed to
-    DataLoader workers (an h5py handle must not cross a fork)."""
+    """A packed HDF5 file. Its `features` dataset is stored contiguously and uncompressed, so it is read
+    through a NumPy memory map of the file: a crop is a plain slice (no HDF5 call per read), and pages are
+    shared between DataLoader workers. The map is opened lazily in each process."""
 
     def __init__(self, path: Path, modality: str, dim: int):
         self.path, self.modality, self.dim = Path(path), modality, dim
-        self._file: h5py.File | None = None
-        self._dataset: h5py.Dataset | None = None
+        self._features_map: np.ndarray | None = None
         self._pid: int | None = None
         with h5py.File(self.path, "r") as f:
             self._index = self._read_index(f)
+            self._offset, self._shape = f["features"].id.get_offset(), f["features"].shape
+        if self._offset is None:
+            raise InputError(
+                f"{self.path}: features are not stored contiguously; repack with --procedure pack_features"
+            )
 
     def _read_index(self, f: h5py.File) -> dict[str, tuple[int, int]]:
         if f.attrs.get("format") != PACK_FORMAT or not {"features", "video_ids", "offsets"} <= set(f):
@@ -166,18 +185,16 @@ class H5Store:
         return {vid: (int(offsets[i]), int(offsets[i + 1])) for i, vid in enumerate(ids)}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None, "_pid": None, "_dataset": None}
+        return {**self.__dict__, "_features_map": None, "_pid": None}
 
-    def _features(self) -> h5py.Dataset:
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
-            self._dataset = self._file["features"]
-        return self._dataset
+    def _features(self) -> np.ndarray:
+        if self._features_map is None or self._pid != os.getpid():
+            self._features_map = np.memmap(self.path, np.float32, "r", offset=self._offset, shape=self._shape)
+            self._pid = os.getpid()
+        return self._features_map
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = self._dataset = None
+        self._features_map = None
 
     def video_ids(self) -> set[str]:
         return set(self._index)
@@ -213,20 +230,22 @@ def pack_directory(features_dir: str | Path, modality: str, out: str | Path, dim
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        lengths = []
+        lengths = [source.n_rows(video_id) for video_id in ids]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         with h5py.File(tmp, "w") as f:
             f.attrs.update(format=PACK_FORMAT, modality=modality)
             features = f.create_dataset(
-                "features", shape=(0, dim), maxshape=(None, dim), dtype=np.float32, chunks=(64, dim)
-            )
-            for video_id in progress(ids, desc=f"packing {modality}", total=len(ids), unit="video"):
+                "features", shape=(int(offsets[-1]), dim), dtype=np.float32
+            )  # contiguous
+            for i, video_id in enumerate(
+                progress(ids, desc=f"packing {modality}", total=len(ids), unit="video")
+            ):
                 rows = source.rows(video_id)
-                begin = features.shape[0]
-                features.resize(begin + len(rows), axis=0)
-                features[begin:] = rows
-                lengths.append(len(rows))
+                if len(rows) != lengths[i]:
+                    raise InputError(f"{features_dir}: {video_id} changed while it was being packed")
+                features[offsets[i] : offsets[i + 1]] = rows
             f.create_dataset("video_ids", data=np.array(ids, dtype=h5py.string_dtype()))
-            f.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            f.create_dataset("offsets", data=offsets)
         packed = H5Store(tmp, modality, dim)
         try:
             for video_id in progress(ids, desc="verifying", total=len(ids), unit="video"):

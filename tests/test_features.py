@@ -61,7 +61,7 @@ def test_real_sample_features_crop_as_the_spec_says(shared_data, tmp_path):
     )
 
 
-def test_packed_hdf5_gives_the_same_crops_and_forks_without_a_handle(shared_data, tmp_path):
+def test_packed_hdf5_gives_the_same_crops_and_forks_without_a_map(shared_data, tmp_path):
     video_dir, audio_dir = sample_dirs(shared_data, tmp_path)
     for modality, folder, dim in (("video", video_dir, 1024), ("audio", audio_dir, 128)):
         out = tmp_path / f"{modality}.h5"
@@ -73,7 +73,7 @@ def test_packed_hdf5_gives_the_same_crops_and_forks_without_a_handle(shared_data
                 packed.crop("wlj", start, end, SAMPLE_DURATION), npy.crop("wlj", start, end, SAMPLE_DURATION)
             )
         clone = pickle.loads(pickle.dumps(packed))  # what a DataLoader worker receives
-        assert clone._file is None
+        assert clone._features_map is None
         np.testing.assert_array_equal(clone.rows("wlj"), npy.rows("wlj"))
 
 
