@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from datasets.features import FeatureStore, open_feature_store
 from datasets.vocabulary import Vocabulary, tokenize
+from evaluation.densevid import parse_reference
 from utilities.errors import InputError
 from utilities.files import read_json
 from utilities.seeding import data_generator, seed_worker
@@ -148,24 +149,17 @@ class VideoReference:
 
 
 def read_references_json(path: str | Path) -> dict[str, VideoReference]:
-    """The official reference format; errors name the file and the video id."""
-    path = Path(path)
+    """The official reference format, validated by the evaluator's reader, plus each video's duration."""
     content = read_json(path)
-    if not isinstance(content, dict):
-        raise InputError(f"{path}: expected an object {{video_id: {{duration, timestamps, sentences}}}}")
     references = {}
-    for video_id, entry in content.items():
-        try:
-            timestamps = [(float(s), float(e)) for s, e in entry["timestamps"]]
-            sentences = entry["sentences"]
-            duration = float(entry["duration"])
-        except (KeyError, TypeError, ValueError):
+    for video_id, segments in parse_reference(content, str(path)).items():
+        duration = content[video_id].get("duration")
+        if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration):
             raise InputError(
-                f"{path}: {video_id}: needs duration, timestamps [[start, end], ...] and sentences"
-            ) from None
-        if len(timestamps) != len(sentences) or not all(isinstance(s, str) for s in sentences):
-            raise InputError(f"{path}: {video_id}: timestamps and sentences must be parallel lists")
-        references[video_id] = VideoReference(duration, timestamps, sentences)
+                f"{path}: video {video_id!r}: 'duration' must be a finite number, got {duration!r}"
+            )
+        timestamps = [(segment.start, segment.end) for segment in segments]
+        references[video_id] = VideoReference(float(duration), timestamps, [s.sentence for s in segments])
     return references
 
 
