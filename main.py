@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py",
         description="RL on multimodal video data: BMHRL dense video captioning and LR2PPO label ranking.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--config` is recognised by its full name before parsing
     )
     parser.add_argument("--procedure", required=True, choices=sorted(PROCEDURES), help="what to run")
     parser.add_argument(

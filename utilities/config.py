@@ -86,9 +86,9 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[st
 
 def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config:
     """Parse `argv`; with `--config FILE`, start from FILE's settings and let explicit flags override them."""
-    explicit = _explicit_flags(parser, argv)
-    if "config" not in explicit or explicit["config"] is None:
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         return Config(**vars(parser.parse_args(argv)))
+    explicit = _explicit_flags(parser, argv)
     try:
         saved = Config.load(explicit["config"]).to_dict()
     except InputError as e:
