@@ -13,11 +13,11 @@ Semantics: those of ranjaykrishna/densevid_eval at 9d4045a (the "2021" evaluator
 - the reported average is the plain mean over the tIoUs.
 Deviation: a video with an empty prediction list gets precision 0 (the original reuses a stale loop variable).
 
-Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so each distinct
-sentence is tokenised once (one Java call), each distinct pair is scored once (METEOR statistics, BLEU n-gram
-counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts, METEOR from summed
-statistics (one batched `EVAL`; METEOR's aggregate is a function of the summed statistics), CIDEr-D with the
-video's document frequencies. Every aggregation repeats pycocoevalcap's floating-point operations in the same
+Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so the tokenizer runs
+once (one JVM for the official per-tIoU documents), each distinct tokenised pair is scored once (METEOR
+statistics, BLEU n-gram counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts,
+METEOR from summed statistics (one batched `EVAL`; METEOR's aggregate is a function of the summed statistics),
+CIDEr-D with the video's document frequencies. The tIoU matrices are computed once for pairing and detection. Every aggregation repeats pycocoevalcap's floating-point operations in the same
 order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the benchmark).
 """
 
@@ -41,8 +41,6 @@ from evaluation.tokenizer import ptb_tokenize_documents
 from utilities.errors import InputError
 from utilities.files import read_json
 
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-DETECTION_METRICS = ("Precision", "Recall")
 AVERAGE_KEY = "Average across tIoUs"
 
 
@@ -194,7 +192,7 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 class _PairTable:
-    """Distinct (hypothesis, reference) pairs after tokenisation and their per-pair data."""
+    """Distinct (hypothesis, reference) pairs after tokenisation, each with an index."""
 
     def __init__(self) -> None:
         self.ids: dict[tuple[str, str], int] = {}
@@ -274,7 +272,8 @@ class DenseCaptioningEvaluator:
         predictions = {vid: p[: self.max_proposals] for vid, p in predictions.items() if vid in reference_ids}
         self.meteor.start()  # (re)starts the JVM if it is not running
 
-        groups, garbage = self._pair_up(predictions)
+        matches = self._matches(predictions)
+        groups, garbage = self._pair_up(predictions, matches)
         # The official tokenises each tIoU's hypotheses and references as two documents (videos in order, here
         # sorted); a line's tokens can depend on the next line, so those documents are kept as they are.
         documents = []
@@ -298,7 +297,7 @@ class DenseCaptioningEvaluator:
 
         def python_side() -> None:  # runs while METEOR (Java) scores the pairs
             for tiou in self.tious:
-                detection[tiou] = self._detection(predictions, tiou)
+                detection[tiou] = self._detection(predictions, matches, tiou)
 
         scores = self._score_groups(table, group_ids, python_side)
         metrics: dict[str, dict[str, float]] = {}
@@ -329,7 +328,21 @@ class DenseCaptioningEvaluator:
         )
 
     # ---- pairing -------------------------------------------------------------------------------------------
-    def _pair_up(self, predictions: Videos) -> tuple[dict[tuple[str, int], list[tuple[str, str]]], int]:
+    def _matches(self, predictions: Videos) -> dict[str, list[tuple[np.ndarray, list[Segment]]]]:
+        """Per reference video, for each reference file that has it: (tIoU of its predictions × the file's
+        segments, those segments). Shared by the pairing and the detection metrics."""
+        return {
+            vid: [
+                (tiou_matrix(predictions.get(vid, []), reference[vid]), reference[vid])
+                for reference in self.references
+                if vid in reference
+            ]
+            for vid in self.video_ids
+        }
+
+    def _pair_up(
+        self, predictions: Videos, matches: dict[str, list[tuple[np.ndarray, list[Segment]]]]
+    ) -> tuple[dict[tuple[str, int], list[tuple[str, str]]], int]:
         """(video, tIoU index) → [(hyp, ref)] in the official order; unmatched predictions get garbage."""
         rng = random.Random(self.seed)
         garbage: dict[tuple[str, int], str] = {}
@@ -339,16 +352,12 @@ class DenseCaptioningEvaluator:
             if not preds:
                 continue
             hyps = [remove_nonascii(p.sentence) for p in preds]
-            matches = []  # per reference file containing the video: (tIoU matrix, reference sentences)
-            for reference in self.references:
-                if vid in reference:
-                    refs = reference[vid]
-                    matches.append((tiou_matrix(preds, refs), [remove_nonascii(r.sentence) for r in refs]))
+            sentences = [(ious, [remove_nonascii(r.sentence) for r in refs]) for ious, refs in matches[vid]]
             for t_index, tiou in enumerate(self.tious):
                 pairs = []
                 for j, hyp in enumerate(hyps):
                     before = len(pairs)
-                    for ious, refs in matches:
+                    for ious, refs in sentences:
                         pairs += [(hyp, refs[g]) for g in np.flatnonzero(ious[j] >= tiou)]
                     if len(pairs) == before:
                         if (vid, j) not in garbage:
@@ -386,29 +395,25 @@ class DenseCaptioningEvaluator:
             meanwhile()
             stats = meteor_stats.result()
         summed = _sum_stats(stats, distinct)
-        aggregate = dict(zip(set(summed), self.meteor.segment_scores(list(set(summed))), strict=True))
+        distinct_stats = list(dict.fromkeys(summed))
+        aggregate = dict(zip(distinct_stats, self.meteor.segment_scores(distinct_stats), strict=True))
         for ids, line in zip(distinct, summed, strict=True):
             scores[ids]["meteor"] = aggregate[line]
         return scores
 
     # ---- detection -----------------------------------------------------------------------------------------
-    def _detection(self, predictions: Videos, tiou: float) -> tuple[float, float]:
+    def _detection(
+        self, predictions: Videos, matches: dict[str, list[tuple[np.ndarray, list[Segment]]]], tiou: float
+    ) -> tuple[float, float]:
         """Precision and recall at tIoU > t: per reference file, max over files, mean over reference videos."""
         precision, recall = [], []
         for vid in self.video_ids:
-            preds = predictions.get(vid, [])
+            n_preds = len(predictions.get(vid, []))
             best_precision = best_recall = 0.0
-            for reference in self.references:
-                if vid not in reference:
-                    continue
-                refs = reference[vid]
-                hit = (
-                    tiou_matrix(preds, refs) > tiou
-                    if preds and refs
-                    else np.zeros((len(preds), len(refs)), bool)
-                )
-                if preds:
-                    best_precision = max(best_precision, float(hit.any(axis=1).sum()) / len(preds))
+            for ious, refs in matches[vid]:
+                hit = ious > tiou
+                if n_preds:
+                    best_precision = max(best_precision, float(hit.any(axis=1).sum()) / n_preds)
                 if refs:
                     best_recall = max(best_recall, float(hit.any(axis=0).sum()) / len(refs))
             precision.append(best_precision)

@@ -39,6 +39,14 @@ def test_tiou_hand_values():
     np.testing.assert_allclose(ious, [[5 / 15, 0.1, 1], [0, 0, 0.1]], rtol=1e-7)
 
 
+def pair_up(evaluator, predictions):
+    return evaluator._pair_up(predictions, evaluator._matches(predictions))
+
+
+def detection(evaluator, predictions, tiou):
+    return evaluator._detection(predictions, evaluator._matches(predictions), tiou)
+
+
 def test_pairing_and_seeded_garbage():
     evaluator = DenseCaptioningEvaluator([REFERENCE], tious=[0.3, 0.9], seed=3)
     preds = parse_predictions(
@@ -49,7 +57,7 @@ def test_pairing_and_seeded_garbage():
             ]
         }
     )
-    groups, n_garbage = evaluator._pair_up(preds)
+    groups, n_garbage = pair_up(evaluator, preds)
     # tIoU([0,12],[0,10]) = 10/12 and tIoU([0,12],[10,20]) = 2/20: one match at 0.3, none at 0.9.
     assert groups["v1", 0][0] == ("Man running", "a man runs")
     garbage = groups["v1", 0][1][1]
@@ -61,17 +69,17 @@ def test_pairing_and_seeded_garbage():
     )
     assert groups["v1", 1][0][1] != "a man runs" and groups["v1", 1][1] == ("Cat", garbage)
     assert n_garbage == 2 and ("v2", 0) not in groups
-    again, _ = DenseCaptioningEvaluator([REFERENCE], tious=[0.3, 0.9], seed=3)._pair_up(preds)
+    again, _ = pair_up(DenseCaptioningEvaluator([REFERENCE], tious=[0.3, 0.9], seed=3), preds)
     assert again == groups
 
 
 def test_pairs_from_every_reference_file_at_tiou_ge():
     second = {"v1": {"timestamps": [[0, 10]], "sentences": ["someone runs"]}}
     evaluator = DenseCaptioningEvaluator([REFERENCE, second], tious=[0.5])
-    groups, _ = evaluator._pair_up(parse_predictions({"v1": [{"sentence": "run", "timestamp": [0, 20]}]}))
+    groups, _ = pair_up(evaluator, parse_predictions({"v1": [{"sentence": "run", "timestamp": [0, 20]}]}))
     # tIoU([0,20],[0,10]) = 0.5 (minus 1e-8 relative): below 0.5, so garbage; [0,10] exactly matches all three.
     assert len(groups["v1", 0]) == 1 and groups["v1", 0][0][1] not in ("a man runs", "someone runs")
-    groups, _ = evaluator._pair_up(parse_predictions({"v1": [{"sentence": "run", "timestamp": [0, 10]}]}))
+    groups, _ = pair_up(evaluator, parse_predictions({"v1": [{"sentence": "run", "timestamp": [0, 10]}]}))
     assert [ref for _, ref in groups["v1", 0]] == ["a man runs", "someone runs"]
 
 
@@ -81,13 +89,16 @@ def test_precision_recall_strict_max_over_files_and_empty_predictions():
     preds = parse_predictions(
         {"v1": [{"sentence": "a", "timestamp": [0, 9]}, {"sentence": "b", "timestamp": [30, 39]}], "v2": []}
     )
-    precision, recall = evaluator._detection(preds, 0.5)
+    precision, recall = detection(evaluator, preds, 0.5)
     # v1: file 1 → P 1/2, R 1/2; file 2 → P 1/2, R 1; max → (1/2, 1). v2 (empty list) → (0, 0).
     assert (precision, recall) == (0.25, 0.5)
     # strict >: tIoU exactly 0.9 (minus epsilon) at threshold 0.9 does not count
-    assert evaluator._detection(
-        parse_predictions({"v2": [{"sentence": "c", "timestamp": [0, 4.5]}]}), 0.9
-    ) == (0.0, 0.0)
+    assert detection(
+        evaluator, parse_predictions({"v2": [{"sentence": "c", "timestamp": [0, 4.5]}]}), 0.9
+    ) == (
+        0.0,
+        0.0,
+    )
 
 
 def test_meteor_statistics_sum_skips_perfect_single_chunk():
