@@ -11,7 +11,6 @@ from datasets.features import open_feature_store, pack_directory
 from datasets.vocabulary import vocabulary_from_config
 from utilities.config import Config
 from utilities.errors import InputError
-from utilities.files import write_json_atomic
 from utilities.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -59,9 +58,7 @@ def data_summary(cfg: Config, run: RunDir) -> None:
         summary["videos_missing_features"] = len(all_missing)
 
     print(json.dumps(summary, indent=2))
-    run.write_json("data_summary.json", summary)
-    if cfg.metrics_out:
-        write_json_atomic(Path(cfg.metrics_out), summary)
+    run.write_metrics("data_summary.json", summary, cfg.metrics_out)
 
 
 def pack_features(cfg: Config, run: RunDir) -> None:

@@ -83,7 +83,7 @@ def demo(cfg: Config, run: RunDir) -> None:
         metrics[f"mean/{name}"] = {"METEOR": mean_meteor}
         if run.writer is not None:
             run.writer.add_scalar(f"demo/{name}_meteor", 100 * mean_meteor)
-    run.write_json("metrics.json", metrics)
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
     print(
         f"\nMETEOR ×100, mean of val_1 and val_2: nearest neighbour {100 * metrics['mean/nearest_neighbour']['METEOR']:.2f}"
         f" vs most frequent caption {100 * metrics['mean/most_frequent']['METEOR']:.2f}  (run: {run.path})"

@@ -3,16 +3,11 @@ metrics, print the table (×100) and a provenance line, and write the metrics JS
 
 from __future__ import annotations
 
-import logging
-
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report, load_submission
 from evaluation.meteor import JavaError
 from utilities.config import Config
 from utilities.errors import InputError
-from utilities.files import write_json_atomic
 from utilities.run_dir import RunDir
-
-log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: Config, run: RunDir) -> None:
@@ -32,10 +27,7 @@ def evaluate(cfg: Config, run: RunDir) -> None:
         raise InputError(f"evaluation needs Java: {e}") from None
     print(report.provenance())
     print(format_table(report))
-    run.write_json("metrics.json", report.metrics)
-    if cfg.metrics_out:
-        write_json_atomic(cfg.metrics_out, report.metrics)
-        log.info("metrics written to %s", cfg.metrics_out)
+    run.write_metrics("metrics.json", report.metrics, cfg.metrics_out)
 
 
 def format_table(report: Report) -> str:

@@ -43,6 +43,12 @@ class RunDir:
         """Write `content` to `<run>/<name>` atomically (temp file + rename)."""
         return write_json_atomic(self.path / name, content)
 
+    def write_metrics(self, name: str, metrics: Any, metrics_out: str | None = None) -> Path:
+        """Write metrics into the run directory and, when given, also to `--metrics_out`."""
+        if metrics_out:
+            write_json_atomic(metrics_out, metrics)
+        return self.write_json(name, metrics)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
