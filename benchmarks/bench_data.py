@@ -18,8 +18,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.activitynet import CSV_COLUMNS, build_caption_dataset, caption_loader, read_captions_csv
+from datasets.activitynet import CSV_COLUMNS, build_caption_dataset, read_captions_csv
 from datasets.features import pack_directory
+from datasets.loader import CaptionLoader
 from datasets.vocabulary import build_vocabulary
 from utilities.config import Config
 
@@ -61,7 +62,7 @@ def make_synthetic(root: Path, n_videos: int, seed: int = 0) -> Path:
 
 def samples_per_second(dataset, batch_size: int, workers: int, n_batches: int, repeats: int) -> float:
     """The best of `repeats` timed runs (other load on the machine only ever slows a run down)."""
-    loader = caption_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=workers)
+    loader = CaptionLoader(dataset, batch_size, shuffle=True, seed=0, num_workers=workers)
     rates = []
     for epoch in range(repeats):
         loader.sampler.set_epoch(epoch)
@@ -118,10 +119,6 @@ def main() -> None:
         print(
             f"hdf5 with {workers} workers / npy without workers: {results[('hdf5', workers)] / baseline:.1f}x"
         )
-    print(
-        "(each worker batch is handed over in freshly allocated shared memory, several ms per batch of real-size "
-        "features: workers pay off only where cores are free and reading, not handing over, is the cost)"
-    )
 
 
 if __name__ == "__main__":

@@ -14,20 +14,19 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset
 
-from datasets.features import FeatureStore, open_feature_store
+from datasets.features import FeatureStore, crop_indices, open_feature_store
 from datasets.vocabulary import Vocabulary, tokenize
 from evaluation.densevid import parse_reference
 from utilities.errors import InputError
 from utilities.files import read_json
-from utilities.seeding import data_generator, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -258,23 +257,56 @@ class CaptionBatch:
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> CaptionBatch:
-        """Called by DataLoader(pin_memory=True)."""
-        return self._map_tensors(lambda t: t.pin_memory())
+        """Page-locked copies for fast GPU transfers (tensors already pinned are kept)."""
+        return self._map_tensors(lambda t: t if t.is_pinned() else t.pin_memory())
 
 
-def pad_rows(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded (B, T, D) tensor and its (B, T) validity mask.
+def pad_into(arrays: Sequence[np.ndarray], out: np.ndarray) -> None:
+    """Copy (T_i, D) arrays into the rows of `out` (B, T, D), zeroing the rest (`out` may be a reused buffer).
 
-    In a DataLoader worker the batch is built directly in shared memory (as torch's default collate does),
-    which saves a copy when it is handed to the main process."""
-    lengths = torch.tensor([len(a) for a in arrays])
-    out = torch.zeros(len(arrays), int(lengths.max()), arrays[0].shape[1], dtype=torch.float32)
-    if get_worker_info() is not None:
-        out.share_memory_()
-    padded = out.numpy()  # a view: copying through NumPy also takes the read-only rows of a memory map
+    Copying through NumPy also takes the read-only rows of a memory map."""
     for i, a in enumerate(arrays):
-        padded[i, : len(a)] = a
-    return out, torch.arange(out.shape[1])[None, :] < lengths[:, None]
+        out[i, : len(a)] = a
+        out[i, len(a) :] = 0
+
+
+@dataclass
+class CollatedItems:
+    """A batch before its tensors exist: features already padded (or waiting in a shared slot, see
+    `datasets.loader`), the small parts as NumPy arrays, which pickle cheaply out of a DataLoader worker."""
+
+    feature_lengths: dict[str, np.ndarray]
+    caption_ids: list[np.ndarray]
+    segments: list[Segment]
+    slot: int | None = None
+
+
+def assemble(features: dict[str, torch.Tensor], collated: CollatedItems, pad_idx: int) -> CaptionBatch:
+    """The `CaptionBatch` of padded `features` and the rest of `collated`: masks, padded captions, metadata."""
+    masks = {
+        m: torch.arange(features[m].shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
+        for m, lengths in collated.feature_lengths.items()
+    }
+    caption_lengths = torch.tensor([len(ids) for ids in collated.caption_ids])
+    captions = torch.full((len(caption_lengths), int(caption_lengths.max())), pad_idx, dtype=torch.int64)
+    for i, ids in enumerate(collated.caption_ids):
+        captions[i, : len(ids)] = torch.from_numpy(ids)
+    segments = collated.segments
+    return CaptionBatch(
+        video=features.get("video"),
+        video_mask=masks.get("video"),
+        audio=features.get("audio"),
+        audio_mask=masks.get("audio"),
+        captions=captions,
+        caption_mask=torch.arange(captions.shape[1])[None, :] < caption_lengths[:, None],
+        caption_lengths=caption_lengths,
+        video_ids=[s.video_id for s in segments],
+        starts=[s.start for s in segments],
+        ends=[s.end for s in segments],
+        durations=[s.duration for s in segments],
+        raw_captions=[s.caption for s in segments],
+        indices=[s.idx for s in segments],
+    )
 
 
 class CaptionDataset(Dataset):
@@ -299,48 +331,31 @@ class CaptionDataset(Dataset):
         features = {m: store.crop(s.video_id, s.start, s.end, s.duration) for m, store in self.stores.items()}
         return CaptionItem(features, self.caption_ids[i], s)
 
-    def collate(self, items: Sequence[CaptionItem]) -> CaptionBatch:
-        padded = {m: pad_rows([it.features[m] for it in items]) for m in self.stores}
-        video, video_mask = padded.get("video", (None, None))
-        audio, audio_mask = padded.get("audio", (None, None))
-        caption_lengths = torch.tensor([len(it.caption_ids) for it in items])
-        captions = torch.full((len(items), int(caption_lengths.max())), self.vocab.pad_idx, dtype=torch.int64)
-        for i, it in enumerate(items):
-            captions[i, : len(it.caption_ids)] = torch.from_numpy(it.caption_ids)
-        segments = [it.segment for it in items]
-        return CaptionBatch(
-            video=video,
-            video_mask=video_mask,
-            audio=audio,
-            audio_mask=audio_mask,
-            captions=captions,
-            caption_mask=torch.arange(captions.shape[1])[None, :] < caption_lengths[:, None],
-            caption_lengths=caption_lengths,
-            video_ids=[s.video_id for s in segments],
-            starts=[s.start for s in segments],
-            ends=[s.end for s in segments],
-            durations=[s.duration for s in segments],
-            raw_captions=[s.caption for s in segments],
-            indices=[s.idx for s in segments],
+    def max_crop_rows(self) -> dict[str, int]:
+        """The longest feature crop of any segment, per modality (what a batch buffer must hold)."""
+        longest = {}
+        for m, store in self.stores.items():
+            n_rows = {vid: store.n_rows(vid) for vid in {s.video_id for s in self.segments}}
+            spans = (crop_indices(n_rows[s.video_id], s.start, s.end, s.duration) for s in self.segments)
+            longest[m] = max((i1 - i0 for i0, i1 in spans), default=1)
+        return longest
+
+    def collate_items(self, items: Sequence[CaptionItem]) -> CollatedItems:
+        return CollatedItems(
+            feature_lengths={m: np.array([len(it.features[m]) for it in items]) for m in self.stores},
+            caption_ids=[it.caption_ids for it in items],
+            segments=[it.segment for it in items],
         )
 
-
-class SeededShuffleSampler(Sampler[int]):
-    """A fresh permutation each epoch that depends only on (seed, epoch): an exact resume at an epoch
-    boundary sees the same order as the uninterrupted run. Call `set_epoch` before each epoch."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        generator = data_generator(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+    def collate(self, items: Sequence[CaptionItem]) -> CaptionBatch:
+        """Pad a list of items into a `CaptionBatch` (the collate function without DataLoader workers)."""
+        collated = self.collate_items(items)
+        features = {}
+        for m, lengths in collated.feature_lengths.items():
+            dim = items[0].features[m].shape[1]
+            features[m] = torch.empty(len(items), int(lengths.max()), dim, dtype=torch.float32)
+            pad_into([it.features[m] for it in items], features[m].numpy())
+        return assemble(features, collated, self.vocab.pad_idx)
 
 
 def build_caption_dataset(
@@ -350,29 +365,3 @@ def build_caption_dataset(
     annotations = read_captions_csv(meta_path)
     stores = open_stores(cfg) if stores is None else stores
     return CaptionDataset(drop_missing(annotations, stores, cfg.skip_missing_features), vocab, stores)
-
-
-def caption_loader(
-    dataset: CaptionDataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0
-) -> DataLoader:
-    """Train: seeded shuffle (`loader.sampler.set_epoch(e)` each epoch). Validation: file order."""
-    sampler = SeededShuffleSampler(len(dataset), seed) if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=dataset.collate,
-        num_workers=num_workers,
-        worker_init_fn=seed_worker,
-        generator=data_generator(seed),
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def train_loader(cfg, dataset: CaptionDataset) -> DataLoader:
-    return caption_loader(dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
-
-
-def val_loader(cfg, dataset: CaptionDataset) -> DataLoader:
-    return caption_loader(dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers)

@@ -59,6 +59,8 @@ class FeatureStore(Protocol):
 
     def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray: ...
 
+    def n_rows(self, video_id: str) -> int: ...
+
 
 def open_feature_store(path: str | Path, modality: str, dim: int) -> FeatureStore:
     """A directory of `.npy` files or a packed `.h5` file, chosen by the path."""
@@ -204,6 +206,10 @@ class H5Store:
             return self._index[video_id]
         except KeyError:
             raise InputError(f"{self.path}: no {self.modality} features for video {video_id}") from None
+
+    def n_rows(self, video_id: str) -> int:
+        begin, stop = self._span(video_id)
+        return stop - begin
 
     def rows(self, video_id: str) -> np.ndarray:
         begin, stop = self._span(video_id)

@@ -21,9 +21,9 @@ from datasets.activitynet import (
     build_caption_dataset,
     open_stores,
     read_captions_csv,
-    val_loader,
 )
 from datasets.demo import ensure_demo_dataset
+from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
 from epoch_loops.evaluate import format_table
 from evaluation.densevid import DenseCaptioningEvaluator

@@ -9,11 +9,11 @@ import torch
 from datasets.activitynet import (
     CSV_COLUMNS,
     build_caption_dataset,
-    caption_loader,
     read_captions_csv,
     read_references_json,
 )
 from datasets.features import pack_directory
+from datasets.loader import CaptionLoader
 from datasets.vocabulary import build_vocabulary
 from utilities.config import Config
 from utilities.errors import InputError
@@ -122,7 +122,7 @@ def test_missing_features_are_an_error_or_skipped_with_a_count(real_subset, tmp_
 def test_real_annotations_batches_with_masks_and_exact_timestamps(real_subset, tmp_path):
     train_csv, _, vocab = real_subset
     dataset = build_caption_dataset(config(tmp_path, skip_missing_features=True), train_csv, vocab)
-    loader = caption_loader(dataset, batch_size=16, shuffle=False)
+    loader = CaptionLoader(dataset, batch_size=16, shuffle=False)
     n_seen = 0
     for batch in loader:
         segments = dataset.segments[n_seen : n_seen + len(batch)]
@@ -163,8 +163,8 @@ def test_seeded_shuffle_and_workers_with_hdf5(real_subset, tmp_path):
         loader.sampler.set_epoch(e)
         return [b for b in loader]
 
-    serial = caption_loader(dataset, 64, shuffle=True, seed=3)
-    parallel = caption_loader(dataset, 64, shuffle=True, seed=3, num_workers=2)
+    serial = CaptionLoader(dataset, 64, shuffle=True, seed=3)
+    parallel = CaptionLoader(dataset, 64, shuffle=True, seed=3, num_workers=2)
     a, b = epoch(serial, 0), epoch(parallel, 0)
     assert [x.indices for x in a] == [x.indices for x in b]
     assert all(
@@ -172,7 +172,7 @@ def test_seeded_shuffle_and_workers_with_hdf5(real_subset, tmp_path):
         for x, y in zip(a, b, strict=True)
     )
     assert [x.indices for x in a] != [x.indices for x in epoch(serial, 1)]
-    assert [x.indices for x in a] != [x.indices for x in epoch(caption_loader(dataset, 64, True, seed=4), 0)]
+    assert [x.indices for x in a] != [x.indices for x in epoch(CaptionLoader(dataset, 64, True, seed=4), 0)]
     assert sorted(i for x in a for i in x.indices) == sorted(s.idx for s in dataset.segments)
 
 
@@ -182,7 +182,7 @@ def test_a_tiny_model_trains_on_real_annotation_batches(real_subset, tmp_path):
 
     train_csv, _, vocab = real_subset
     dataset = build_caption_dataset(config(tmp_path, skip_missing_features=True), train_csv, vocab)
-    loader = caption_loader(dataset, batch_size=32, shuffle=True, seed=0)
+    loader = CaptionLoader(dataset, batch_size=32, shuffle=True, seed=0)
     torch.manual_seed(0)
     embed = WordEmbedding(embedding_matrix("random", vocab.itos, 16))
     video_proj, out = torch.nn.Linear(1024, 16), torch.nn.Linear(16, len(vocab))

@@ -1,0 +1,180 @@
+"""Batches of a caption dataset for training and validation, with DataLoader workers that pay off.
+
+Order: training batches follow a seeded permutation per (seed, epoch), so resuming at an epoch boundary
+replays the same order; validation batches follow the file.
+
+Workers hand features over through a ring of shared-memory batch buffers. Torch would hand every worker batch
+to the main process in freshly allocated shared memory; for real-size features (a batch of 32 segments is
+about 8 MB) allocating and faulting in that memory takes several ms, more than reading the batch from a packed
+feature file, so workers made the packed path slower. Instead, the main process allocates one buffer per batch
+that can be in flight before the workers start. A worker pads its batch's features into the slot the batch
+sampler assigned and sends only the small parts; the main process copies the features out of the slot before
+it hands the batch on, so callers may keep batches as long as they like.
+
+Why `prefetch_factor * num_workers + 1` slots suffice: the DataLoader keeps at most prefetch_factor ×
+num_workers batches in flight and requests batch n + prefetch_factor × num_workers only when batch n arrives.
+Batch k uses slot k mod S, so with S one more than that the slot of batch n is next written by batch n + S,
+which is requested only when batch n + 1 arrives, after batch n was copied out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+
+from datasets.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
+from utilities.errors import InputError
+from utilities.seeding import data_generator, seed_worker
+
+SHARED_MEMORY = "/dev/shm"
+
+
+class SeededShuffleSampler(Sampler[int]):
+    """A fresh permutation each epoch that depends only on (seed, epoch): an exact resume at an epoch
+    boundary sees the same order as the uninterrupted run. Call `set_epoch` before each epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        generator = data_generator(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class SlotBatch(list):
+    """The sample indices of one batch and the ring slot its features go to (pickled along with the list)."""
+
+    def __init__(self, indices: Sequence[int], slot: int):
+        super().__init__(indices)
+        self.slot = slot
+
+
+class SlottedBatchSampler(Sampler[SlotBatch]):
+    """Batch k of an epoch goes to slot k mod n_slots."""
+
+    def __init__(self, batches: BatchSampler, n_slots: int):
+        self.batches, self.n_slots = batches, n_slots
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[SlotBatch]:
+        for k, indices in enumerate(self.batches):
+            yield SlotBatch(indices, k % self.n_slots)
+
+
+class SharedBatchRing:
+    """Per modality a (n_slots, batch_size, max rows, dim) float32 buffer in shared memory."""
+
+    def __init__(self, n_slots: int, batch_size: int, rows: dict[str, int], dims: dict[str, int]):
+        need = 4 * n_slots * batch_size * sum(rows[m] * dims[m] for m in rows)
+        if os.path.isdir(SHARED_MEMORY):
+            stat = os.statvfs(SHARED_MEMORY)
+            free = stat.f_bavail * stat.f_frsize
+            if need > free:
+                raise InputError(
+                    f"DataLoader workers need {need / 2**20:.0f} MiB of shared memory for {n_slots} batches "
+                    f"in flight, but {SHARED_MEMORY} has {free / 2**20:.0f} MiB free: lower --B or "
+                    "--num_workers, use --num_workers 0, or give the container more (docker run --shm-size)"
+                )
+        self.buffers = {m: torch.zeros(n_slots, batch_size, rows[m], dims[m]).share_memory_() for m in rows}
+
+    def write(self, slot: int, features: dict[str, list[np.ndarray]]) -> None:
+        """In a worker: pad each modality's crops into the slot."""
+        for m, arrays in features.items():
+            pad_into(arrays, self.buffers[m][slot, : len(arrays), : max(map(len, arrays))].numpy())
+
+    def read(self, collated: CollatedItems, pin: bool) -> dict[str, torch.Tensor]:
+        """In the main process: copies of the slot's padded features (pinned for a fast GPU transfer)."""
+        features = {}
+        for m, lengths in collated.feature_lengths.items():
+            view = self.buffers[m][collated.slot, : len(lengths), : int(lengths.max())]
+            features[m] = torch.empty(view.shape, pin_memory=pin).copy_(view)
+        return features
+
+
+class _RingReader(Dataset):
+    """The dataset as workers see it: a whole batch per call, its features written into the ring."""
+
+    def __init__(self, dataset: CaptionDataset, ring: SharedBatchRing):
+        self.dataset, self.ring = dataset, ring
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, request: SlotBatch) -> CollatedItems:
+        items = [self.dataset[i] for i in request]
+        self.ring.write(request.slot, {m: [it.features[m] for it in items] for m in self.dataset.stores})
+        collated = self.dataset.collate_items(items)
+        collated.slot = request.slot
+        return collated
+
+
+def _collated(batch: CollatedItems) -> CollatedItems:
+    return batch
+
+
+class CaptionLoader:
+    """Batches of a `CaptionDataset` (`loader.sampler.set_epoch(e)` before each training epoch)."""
+
+    def __init__(
+        self,
+        dataset: CaptionDataset,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ):
+        self.dataset = dataset
+        self.sampler = SeededShuffleSampler(len(dataset), seed) if shuffle else SequentialSampler(dataset)
+        batches = BatchSampler(self.sampler, batch_size, drop_last=False)
+        self.pin = torch.cuda.is_available()
+        self.ring = None
+        if num_workers == 0:
+            self.loader = DataLoader(
+                dataset, batch_sampler=batches, collate_fn=dataset.collate, pin_memory=self.pin
+            )
+            return
+        n_slots = prefetch_factor * num_workers + 1
+        dims = {m: store.dim for m, store in dataset.stores.items()}
+        self.ring = SharedBatchRing(n_slots, batch_size, dataset.max_crop_rows(), dims)
+        self.loader = DataLoader(
+            _RingReader(dataset, self.ring),
+            batch_sampler=SlottedBatchSampler(batches, n_slots),
+            collate_fn=_collated,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=seed_worker,
+            generator=data_generator(seed),
+            persistent_workers=True,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[CaptionBatch]:
+        if self.ring is None:
+            yield from self.loader
+            return
+        for collated in self.loader:
+            batch = assemble(self.ring.read(collated, self.pin), collated, self.dataset.vocab.pad_idx)
+            yield batch.pin_memory() if self.pin else batch
+
+
+def train_loader(cfg, dataset: CaptionDataset) -> CaptionLoader:
+    return CaptionLoader(dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+
+
+def val_loader(cfg, dataset: CaptionDataset) -> CaptionLoader:
+    return CaptionLoader(dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers)
