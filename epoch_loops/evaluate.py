@@ -13,15 +13,15 @@ from utilities.run_dir import RunDir
 def evaluate(cfg: Config, run: RunDir) -> None:
     if not cfg.submission:
         raise InputError("--procedure eval needs --submission PRED.json")
-    results = load_submission(cfg.submission)
     try:
-        with DenseCaptioningEvaluator(
+        with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
             cfg.reference_paths,
             tious=cfg.tIoUs,
             max_proposals=cfg.max_prop_per_vid,
             soda=cfg.soda,
             seed=cfg.seed,
         ) as evaluator:
+            results = load_submission(cfg.submission)
             report = evaluator.evaluate(results, source=str(cfg.submission))
     except JavaError as e:
         raise InputError(f"evaluation needs Java: {e}") from None

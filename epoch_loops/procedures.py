@@ -1,7 +1,8 @@
 """The procedures `main.py --procedure NAME` dispatches to, and the set-up every run shares.
 
 Each entry names `module:function`; the module is imported only when that procedure runs, so `--help` stays
-fast. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds what it needs from `cfg`, writes its
+fast. Procedures that never use torch say so, and then torch (about a second to import) is not loaded at all:
+`eval` is run every epoch and in scripts. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds what it needs from `cfg`, writes its
 outputs into `run`, and honours `cfg.dry_run` where it builds a model.
 """
 
@@ -9,19 +10,25 @@ from __future__ import annotations
 
 import importlib
 import logging
-
-import torch
+from dataclasses import dataclass
 
 from utilities.config import Config
 from utilities.log import setup_logging
 from utilities.run_dir import RunDir
 from utilities.seeding import seed_everything
 
-PROCEDURES: dict[str, str] = {
-    "demo": "epoch_loops.demo:demo",
-    "eval": "epoch_loops.evaluate:evaluate",
-    "data_summary": "epoch_loops.data:data_summary",
-    "pack_features": "epoch_loops.data:pack_features",
+
+@dataclass(frozen=True)
+class Procedure:
+    target: str  # "module:function"
+    uses_torch: bool = True
+
+
+PROCEDURES: dict[str, Procedure] = {
+    "demo": Procedure("epoch_loops.demo:demo"),
+    "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
+    "data_summary": Procedure("epoch_loops.data:data_summary"),
+    "pack_features": Procedure("epoch_loops.data:pack_features"),
 }
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> str:
     """'auto' → cuda if available, else cpu; an explicit cuda device without CUDA is an error."""
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -39,9 +48,11 @@ def resolve_device(name: str) -> str:
 def run_procedure(cfg: Config) -> int:
     """Seed, open the run directory (config.json, TensorBoard), then run the procedure."""
     setup_logging(progress=cfg.progress)
-    cfg.device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    module_name, function_name = PROCEDURES[cfg.procedure].split(":")
+    spec = PROCEDURES[cfg.procedure]
+    if spec.uses_torch:
+        cfg.device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, with_torch=spec.uses_torch)
+    module_name, function_name = spec.target.split(":")
     procedure = getattr(importlib.import_module(module_name), function_name)
     with RunDir.open(cfg) as run:
         log.info("run directory: %s", run.path)

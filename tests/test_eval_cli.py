@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from main import main
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 METRICS = [
@@ -96,3 +99,17 @@ def test_cli_missing_java_is_one_line_error(tmp_path, capsys, monkeypatch):
     argv = ["--procedure", "eval", "--submission", submission, "--reference_paths", reference]
     assert main([*argv, "--log_dir", str(tmp_path / "log")]) == 2
     assert "Java executable '/nonexistent/java' not found" in capsys.readouterr().err
+
+
+def test_cli_eval_does_not_import_torch(tmp_path):
+    """`eval` runs every epoch and in scripts: it must not pay torch's second of import time."""
+    reference = write(tmp_path / "ref.json", {"v1": {"timestamps": [[0, 10]], "sentences": ["a man"]}})
+    submission = write(
+        tmp_path / "sub.json", {"results": {"v1": [{"sentence": "a man", "timestamp": [0, 9]}]}}
+    )
+    argv = ["--procedure", "eval", "--submission", submission, "--reference_paths", reference]
+    argv += ["--log_dir", str(tmp_path / "log")]
+    code = f"import sys; from main import main; assert main({argv!r}) == 0; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("False")

@@ -1,21 +1,33 @@
-"""One seed for python, numpy, torch and the data order: the same seed gives the same result on CPU."""
+"""One seed for python, numpy, torch and the data order: the same seed gives the same result on CPU.
+
+torch is imported inside the functions that use it, so that procedures that never use torch (`eval`) do not
+spend a second importing it.
+"""
 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, with_torch: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if with_torch:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def data_generator(seed: int) -> torch.Generator:
     """The generator a DataLoader shuffles with: data order depends on `--seed` only."""
+    import torch
+
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
@@ -23,6 +35,8 @@ def data_generator(seed: int) -> torch.Generator:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: derive numpy/python seeds from torch's per-worker seed."""
+    import torch
+
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -30,6 +44,8 @@ def seed_worker(worker_id: int) -> None:
 
 def rng_states() -> dict:
     """Every global RNG state, as tensors and plain containers (loadable with weights_only=True)."""
+    import torch
+
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     states = {
@@ -48,6 +64,8 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    import torch
+
     python = states["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
     numpy = states["numpy"]
