@@ -16,7 +16,7 @@ Deviation: a video with an empty prediction list gets precision 0 (the original 
 Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so the tokenizer runs
 once (one JVM for the official per-tIoU documents), each distinct tokenised pair is scored once (METEOR
 statistics, BLEU n-gram counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts,
-METEOR from summed statistics (one batched `EVAL`; METEOR's aggregate is a function of the summed statistics),
+METEOR from summed statistics (METEOR's aggregate is a function of the summed statistics, computed as Java does),
 CIDEr-D with the video's document frequencies. The tIoU matrices are computed once for pairing and detection. Every aggregation repeats pycocoevalcap's floating-point operations in the same
 order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the benchmark).
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.meteor import Meteor
+from evaluation.meteor import Meteor, parse_stats
 from evaluation.ngram_metrics import NGRAMS, PairNgrams, corpus_bleu
 from evaluation.soda import soda_c
 from evaluation.tokenizer import ptb_tokenize_documents
@@ -394,11 +394,9 @@ class DenseCaptioningEvaluator:
             }
             meanwhile()
             stats = meteor_stats.result()
-        summed = _sum_stats(stats, distinct)
-        distinct_stats = list(dict.fromkeys(summed))
-        aggregate = dict(zip(distinct_stats, self.meteor.segment_scores(distinct_stats), strict=True))
-        for ids, line in zip(distinct, summed, strict=True):
-            scores[ids]["meteor"] = aggregate[line]
+        meteor = self.meteor.segment_scores(_sum_stats(parse_stats(stats), distinct))
+        for ids, score in zip(distinct, meteor.tolist(), strict=True):
+            scores[ids]["meteor"] = score
         return scores
 
     # ---- detection -----------------------------------------------------------------------------------------
@@ -438,7 +436,7 @@ def _soda_sentences(predictions: Videos, references: Sequence[Videos]) -> Iterab
             yield remove_nonascii(segment.sentence)
 
 
-def _sum_stats(stats: Sequence[str], groups: Sequence[Sequence[int]]) -> list[str]:
+def _sum_stats(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
     """METEOR statistics of each group of segments summed as METEOR's `MeteorStats.addStats` does it.
 
     The fields are: test/reference length, test/reference function words, 4 stages × (test content, reference
@@ -446,10 +444,9 @@ def _sum_stats(stats: Sequence[str], groups: Sequence[Sequence[int]]) -> list[st
     them all except the chunk of a segment that matches completely in a single chunk. The values are whole
     numbers, so the order of the additions does not matter.
     """
-    values = np.array([line.split() for line in stats], dtype=np.float64).reshape(len(stats), 23)
+    values = values.copy()
     test_matches = values[:, 4:20:4].sum(axis=1) + values[:, 6:20:4].sum(axis=1)
     ref_matches = values[:, 5:20:4].sum(axis=1) + values[:, 7:20:4].sum(axis=1)
     perfect = (test_matches == values[:, 0]) & (ref_matches == values[:, 1]) & (values[:, 20] == 1)
     values[perfect, 20] = 0.0
-    totals = _group_sums(values, groups)
-    return [" ".join(repr(v) for v in row) for row in totals.tolist()]
+    return _group_sums(values, groups)

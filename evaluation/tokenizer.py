@@ -41,7 +41,10 @@ def ptb_tokenize_documents(
             (folder / f"{i}.txt").write_bytes(text.encode())
             listing.append(f"{folder / f'{i}.txt'}\t{folder / f'{i}.tok'}")
         (folder / "files.txt").write_text("\n".join(listing) + "\n")
-        cmd = [java_executable(java), "-cp", str(CORENLP_JAR), "edu.stanford.nlp.process.PTBTokenizer"]
+        # A short run: the quick (C1) compiler and the serial collector cut its time about threefold and
+        # leave the other core to METEOR's JVM, which loads meanwhile. The tokens do not depend on them.
+        cmd = [java_executable(java), "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", str(CORENLP_JAR)]
+        cmd.append("edu.stanford.nlp.process.PTBTokenizer")
         cmd += ["-preserveLines", "-lowerCase", "-ioFileList", str(folder / "files.txt")]
         try:
             done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)

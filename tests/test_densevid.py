@@ -19,7 +19,7 @@ from evaluation.densevid import (
     rouge_l,
     tiou_matrix,
 )
-from evaluation.meteor import Meteor
+from evaluation.meteor import Meteor, parse_stats
 from evaluation.soda import ordered_matching_score, soda_c
 from utilities.errors import InputError
 
@@ -104,9 +104,7 @@ def test_precision_recall_strict_max_over_files_and_empty_predictions():
 def test_meteor_statistics_sum_skips_perfect_single_chunk():
     perfect = "7.0 7.0 4.0 4.0 3.0 3.0 4.0 4.0" + " 0.0" * 12 + " 1.0 7.0 7.0"
     partial = "6.0 7.0 2.0 4.0 1.0 1.0 1.0 1.0" + " 0.0" * 12 + " 2.0 2.0 2.0"
-    (summed, alone) = [
-        [float(v) for v in line.split()] for line in _sum_stats([perfect, partial], [[0, 1], [1]])
-    ]
+    (summed, alone) = _sum_stats(parse_stats([perfect, partial]), [[0, 1], [1]]).tolist()
     assert summed[:4] == [13, 14, 6, 8] and summed[20] == 2.0 and summed[21:] == [9.0, 9.0]
     assert alone == [float(v) for v in partial.split()]
 
