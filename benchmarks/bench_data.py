@@ -119,6 +119,8 @@ def main() -> None:
         print(
             f"hdf5 with {workers} workers / npy without workers: {results[('hdf5', workers)] / baseline:.1f}x"
         )
+    same = results[("hdf5", args.workers)] / results[("npy", args.workers)]
+    print(f"hdf5 / npy, both with {args.workers} workers: {same:.1f}x")
 
 
 if __name__ == "__main__":
