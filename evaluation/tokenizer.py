@@ -10,6 +10,7 @@ file of its own (`-ioFileList`) in a single JVM.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -41,17 +42,21 @@ def ptb_tokenize_documents(
             (folder / f"{i}.txt").write_bytes(text.encode())
             listing.append(f"{folder / f'{i}.txt'}\t{folder / f'{i}.tok'}")
         (folder / "files.txt").write_text("\n".join(listing) + "\n")
-        # A short run: the quick (C1) compiler and the serial collector cut its time about threefold and
-        # leave the other core to METEOR's JVM, which loads meanwhile. The tokens do not depend on them.
-        cmd = [java_executable(java), "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", str(CORENLP_JAR)]
+        # A short run: the quick (C1) compiler and the serial collector cut its time about threefold. METEOR's
+        # JVM loads meanwhile, for longer, so the tokenizer also yields the CPU to it (`nice`). The tokens do
+        # not depend on either.
+        java_path = java_executable(java)
+        cmd = [java_path, "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", str(CORENLP_JAR)]
         cmd.append("edu.stanford.nlp.process.PTBTokenizer")
+        if shutil.which("nice"):
+            cmd = ["nice", "-n", "10", *cmd]
         cmd += ["-preserveLines", "-lowerCase", "-ioFileList", str(folder / "files.txt")]
         try:
             done = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             raise JavaError(f"the PTB tokenizer did not finish within {timeout:g} s") from None
         except OSError as e:
-            raise JavaError(f"could not start the PTB tokenizer ({cmd[0]}): {e}") from None
+            raise JavaError(f"could not start the PTB tokenizer ({java_path}): {e}") from None
         stderr = done.stderr.decode(errors="replace").strip()
         if done.returncode != 0:
             raise JavaError(
