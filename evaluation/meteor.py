@@ -20,6 +20,7 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +43,7 @@ MODULE_WEIGHTS = (1.0, 0.6, 0.8, 0.6)  # matches of the exact, stem, synonym and
 POW_MARGIN = 0.01  # ulp
 
 
+PUMP_INTERVAL_S = 0.001  # how often Java's answers are read
 STATS_FIELDS = 23  # numbers in one `SCORE` answer
 # `score_from_stats` is checked against HotSpot's x86-64 Math.pow; elsewhere every score comes from Java.
 POW_VERIFIED = platform.machine().lower() in ("x86_64", "amd64")
@@ -178,7 +180,8 @@ class Meteor:
         self._cmd += ["-Xmn1G", "-jar", str(METEOR_JAR), "-", "-", "-stdio", "-l", "en", "-norm"]
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._chunks: queue.Queue[list[str] | None] = queue.Queue()  # answer lines, as the pump reads them
+        self._lines: collections.deque[str] = collections.deque()  # lines taken from _chunks, not yet read
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
 
     # ---- public API ------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ class Meteor:
 
     def _start(self) -> None:
         self._kill()
-        self._lines = queue.Queue()
+        self._chunks, self._lines = queue.Queue(), collections.deque()
         self._stderr.clear()
         try:
             self._proc = subprocess.Popen(
@@ -274,20 +277,22 @@ class Meteor:
             )
         except OSError as e:
             raise JavaError(f"could not start METEOR ({' '.join(self._cmd)}): {e}") from None
-        threading.Thread(target=self._pump_stdout, args=(self._proc, self._lines), daemon=True).start()
+        threading.Thread(target=self._pump_stdout, args=(self._proc, self._chunks), daemon=True).start()
         self._stderr_pump = threading.Thread(
             target=self._pump_stderr, args=(self._proc, self._stderr), daemon=True
         )
         self._stderr_pump.start()
 
     def _read_line(self) -> str:
-        try:
-            line = self._lines.get(timeout=self.timeout)
-        except queue.Empty:
-            raise JavaError(f"no answer within {self.timeout:g} s") from None
-        if line is None:
-            raise JavaError(f"the process exited (code {self._proc.wait()})")
-        return line
+        if not self._lines:
+            try:
+                chunk = self._chunks.get(timeout=self.timeout)
+            except queue.Empty:
+                raise JavaError(f"no answer within {self.timeout:g} s") from None
+            if chunk is None:
+                raise JavaError(f"the process exited (code {self._proc.wait()})")
+            self._lines.extend(chunk)
+        return self._lines.popleft()
 
     @staticmethod
     def _write(proc: subprocess.Popen, payload: bytes) -> None:
@@ -298,10 +303,19 @@ class Meteor:
             pass  # the reader sees the exit and reports it with stderr
 
     @staticmethod
-    def _pump_stdout(proc: subprocess.Popen, lines: queue.Queue) -> None:
-        for raw in proc.stdout:
-            lines.put(raw.decode(errors="replace").strip())
-        lines.put(None)
+    def _pump_stdout(proc: subprocess.Popen, chunks: queue.Queue) -> None:
+        """Forward whole answer lines in chunks. METEOR flushes every line; reading them one by one would wake
+        this thread (and hand over the GIL) tens of thousands of times per evaluation, so it reads at most
+        every millisecond and takes whatever has arrived."""
+        pending = b""
+        while data := proc.stdout.read1(1 << 20):
+            *complete, pending = (pending + data).split(b"\n")
+            if complete:
+                chunks.put([raw.decode(errors="replace").strip() for raw in complete])
+            time.sleep(PUMP_INTERVAL_S)
+        if pending:
+            chunks.put([pending.decode(errors="replace").strip()])
+        chunks.put(None)
 
     @staticmethod
     def _pump_stderr(proc: subprocess.Popen, tail: collections.deque) -> None:
