@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+import evaluation.meteor as meteor_module
 from evaluation.meteor import Meteor, score_from_stats, stats_line
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
@@ -94,19 +95,28 @@ def test_scores_equal_java_eval_bit_for_bit(meteor):
     assert (java[:2] == 0.0).all() and java[2] == 1.0  # sanity of the edge cases themselves
 
 
+# 55 chunks over 58 + 59 matched words: Math.pow(110/117, 0.2) is not correctly rounded in Java
+TIE_ROW = [58.0, 59.0, 0.0, 0.0, 57.0, 57.0] + [0.0] * 10 + [1.0, 2.0, 0.0, 0.0, 55.0, 58.0, 59.0]
+
+
 def test_pow_ties_are_left_to_java():
-    # 55 chunks over 58 + 59 matched words: Math.pow(110/117, 0.2) is not correctly rounded in Java
-    row = [58.0, 59.0, 0.0, 0.0, 57.0, 57.0] + [0.0] * 10 + [1.0, 2.0, 0.0, 0.0, 55.0, 58.0, 59.0]
-    (score,) = score_from_stats(np.array([row]))
+    (score,) = score_from_stats(np.array([TIE_ROW]))
     assert np.isnan(score)
 
 
 def test_segment_scores_equal_java_including_the_rows_left_to_it(meteor):
     rng = np.random.default_rng(1)
-    tie = [58.0, 59.0, 0.0, 0.0, 57.0, 57.0] + [0.0] * 10 + [1.0, 2.0, 0.0, 0.0, 55.0, 58.0, 59.0]
-    stats = np.concatenate([[tie], random_stats(rng, 500)])
+    stats = np.concatenate([[TIE_ROW], random_stats(rng, 500)])
     java = np.array(meteor.java_segment_scores(lines(stats)))
     assert np.array_equal(meteor.segment_scores(stats).view(np.int64), java.view(np.int64))
     assert meteor.sentence_scores([("a man runs", ["a man runs"])]) == [
         meteor.java_segment_scores(meteor.stats([("a man runs", ["a man runs"])]))[0]
     ]
+
+
+def test_unverified_platforms_take_every_score_from_java(meteor, monkeypatch):
+    stats = random_stats(np.random.default_rng(2), 50)
+    java = np.array(meteor.java_segment_scores(lines(stats)))
+    monkeypatch.setattr(meteor_module, "score_from_stats", lambda values: pytest.fail("Python formula used"))
+    monkeypatch.setattr(meteor_module, "POW_VERIFIED", False)
+    assert np.array_equal(meteor.segment_scores(stats), java)
