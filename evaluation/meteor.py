@@ -41,12 +41,10 @@ MODULE_WEIGHTS = (1.0, 0.6, 0.8, 0.6)  # matches of the exact, stem, synonym and
 # wrong way only when the exact power lay within 0.0045 ulp of a rounding midpoint. Closer than this, the
 # Python side cannot tell which way Java rounds.
 POW_MARGIN = 0.01  # ulp
-
-
-PUMP_INTERVAL_S = 0.001  # how often Java's answers are read
-STATS_FIELDS = 23  # numbers in one `SCORE` answer
 # `score_from_stats` is checked against HotSpot's x86-64 Math.pow; elsewhere every score comes from Java.
 POW_VERIFIED = platform.machine().lower() in ("x86_64", "amd64")
+STATS_FIELDS = 23  # numbers in one `SCORE` answer
+PUMP_INTERVAL_S = 0.001  # how often Java's answers are read
 
 
 class JavaError(RuntimeError):
