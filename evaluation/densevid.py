@@ -16,9 +16,11 @@ Deviation: a video with an empty prediction list gets precision 0 (the original 
 Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so the tokenizer runs
 once (one JVM for the official per-tIoU documents), each distinct tokenised pair is scored once (METEOR
 statistics, BLEU n-gram counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts,
-METEOR from summed statistics (METEOR's aggregate is a function of the summed statistics, computed as Java does),
-CIDEr-D with the video's document frequencies. The tIoU matrices are computed once for pairing and detection. Every aggregation repeats pycocoevalcap's floating-point operations in the same
-order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the benchmark).
+METEOR from summed statistics (METEOR's aggregate is a function of them, evaluated in Python bit for bit as
+Java does, see `Meteor.segment_scores`), CIDEr-D with the video's document frequencies. The tIoU matrices are
+computed once for pairing and detection. Every aggregation repeats pycocoevalcap's floating-point operations in
+the same order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the
+benchmark).
 """
 
 from __future__ import annotations
