@@ -272,8 +272,8 @@ def pad_into(arrays: Sequence[np.ndarray], out: np.ndarray) -> None:
 
 @dataclass
 class CollatedItems:
-    """A batch before its tensors exist: features already padded (or waiting in a shared slot, see
-    `datasets.loader`), the small parts as NumPy arrays, which pickle cheaply out of a DataLoader worker."""
+    """A batch without its features: the small parts, which pickle cheaply out of a DataLoader worker. The
+    features travel separately: padded in place, or in a shared-memory slot (`slot`, see `datasets.loader`)."""
 
     feature_lengths: dict[str, np.ndarray]
     caption_ids: list[np.ndarray]
