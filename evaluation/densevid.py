@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.meteor import Meteor, parse_stats
+from evaluation.meteor import Meteor, parse_stats, perfect_segments
 from evaluation.ngram_metrics import NGRAMS, PairNgrams, corpus_bleu
 from evaluation.soda import soda_c
 from evaluation.tokenizer import ptb_tokenize_documents
@@ -447,8 +447,5 @@ def _sum_stats(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarra
     numbers, so the order of the additions does not matter.
     """
     values = values.copy()
-    test_matches = values[:, 4:20:4].sum(axis=1) + values[:, 6:20:4].sum(axis=1)
-    ref_matches = values[:, 5:20:4].sum(axis=1) + values[:, 7:20:4].sum(axis=1)
-    perfect = (test_matches == values[:, 0]) & (ref_matches == values[:, 1]) & (values[:, 20] == 1)
-    values[perfect, 20] = 0.0
+    values[perfect_segments(values), 20] = 0.0
     return _group_sums(values, groups)

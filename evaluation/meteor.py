@@ -84,14 +84,11 @@ def score_from_stats(values: np.ndarray) -> np.ndarray:
     chunks, test_words, ref_words = v[:, 20], v[:, 21], v[:, 22]
     test_weighted_len = DELTA * (test_len - test_function) + (1.0 - DELTA) * test_function
     ref_weighted_len = DELTA * (ref_len - ref_function) + (1.0 - DELTA) * ref_function
-    test_weighted = ref_weighted = test_total = ref_total = 0.0
-    for stage, weight in enumerate(
-        MODULE_WEIGHTS
-    ):  # the content matches of all stages, then the function ones
+    test_weighted = ref_weighted = 0.0
+    # the content matches of all stages, then the function ones
+    for stage, weight in enumerate(MODULE_WEIGHTS):
         test_weighted = test_weighted + v[:, 4 + 4 * stage] * weight * DELTA
         ref_weighted = ref_weighted + v[:, 5 + 4 * stage] * weight * DELTA
-        test_total = test_total + v[:, 4 + 4 * stage] + v[:, 6 + 4 * stage]  # as MeteorStats(String) sums
-        ref_total = ref_total + v[:, 5 + 4 * stage] + v[:, 7 + 4 * stage]
     for stage, weight in enumerate(MODULE_WEIGHTS):
         test_weighted = test_weighted + v[:, 6 + 4 * stage] * weight * (1.0 - DELTA)
         ref_weighted = ref_weighted + v[:, 7 + 4 * stage] * weight * (1.0 - DELTA)
@@ -99,13 +96,20 @@ def score_from_stats(values: np.ndarray) -> np.ndarray:
         precision = test_weighted / test_weighted_len
         recall = ref_weighted / ref_weighted_len
         fmean = 1.0 / ((1.0 - ALPHA) / precision + ALPHA / recall)
-        perfect = (test_total == test_len) & (ref_total == ref_len) & (chunks == 1.0)
-        frag = np.where(perfect, 0.0, chunks / ((test_words + ref_words) / 2.0))
+        frag = np.where(perfect_segments(v), 0.0, chunks / ((test_words + ref_words) / 2.0))
         power, undecided = _java_pow_beta(frag)
         score = fmean * (1.0 - GAMMA * power)
     score = np.where(score > 0.0, score, 0.0)  # Java: NaN -> 0, else Math.max(score, 0.0) (no -0.0)
     score[undecided] = np.nan
     return score
+
+
+def perfect_segments(values: np.ndarray) -> np.ndarray:
+    """Rows (N, 23) whose every word matched, in a single chunk: METEOR gives them no fragmentation penalty,
+    and `MeteorStats.addStats` does not count their chunk. Whole numbers: the sums are exact in any order."""
+    test_total = values[:, 4:20:4].sum(axis=1) + values[:, 6:20:4].sum(axis=1)
+    ref_total = values[:, 5:20:4].sum(axis=1) + values[:, 7:20:4].sum(axis=1)
+    return (test_total == values[:, 0]) & (ref_total == values[:, 1]) & (values[:, 20] == 1.0)
 
 
 def _java_pow_beta(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
