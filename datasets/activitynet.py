@@ -352,8 +352,7 @@ class CaptionDataset(Dataset):
         collated = self.collate_items(items)
         features = {}
         for m, lengths in collated.feature_lengths.items():
-            dim = items[0].features[m].shape[1]
-            features[m] = torch.empty(len(items), int(lengths.max()), dim, dtype=torch.float32)
+            features[m] = torch.empty(len(items), int(lengths.max()), self.stores[m].dim, dtype=torch.float32)
             pad_into([it.features[m] for it in items], features[m].numpy())
         return assemble(features, collated, self.vocab.pad_idx)
 

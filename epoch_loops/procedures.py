@@ -2,8 +2,8 @@
 
 Each entry names `module:function`; the module is imported only when that procedure runs, so `--help` stays
 fast. Procedures that never use torch say so, and then torch (about a second to import) is not loaded at all:
-`eval` is run every epoch and in scripts. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds what it needs from `cfg`, writes its
-outputs into `run`, and honours `cfg.dry_run` where it builds a model.
+`eval` is run every epoch and in scripts. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds
+what it needs from `cfg`, writes its outputs into `run`, and honours `cfg.dry_run` where it builds a model.
 """
 
 from __future__ import annotations
