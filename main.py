@@ -11,7 +11,7 @@ import sys
 
 from epoch_loops.procedures import PROCEDURES, run_procedure
 from utilities.config import BoolFlag, OneLineErrorParser, config_from_argv
-from utilities.errors import InputError
+from utilities.errors import InputError, ToolError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return run_procedure(cfg)
-    except InputError as e:
+    except (InputError, ToolError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -24,9 +24,7 @@ from torch.utils.data import Dataset
 
 from datasets.features import FeatureStore, crop_indices, open_feature_store
 from datasets.vocabulary import Vocabulary, tokenize
-from evaluation.densevid import parse_reference
 from utilities.errors import InputError
-from utilities.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +136,6 @@ def _parse_row(row: list[str], path: Path, line: int, expected_idx: int) -> Segm
             f"{where} ({video_id}): idx {idx!r} must equal the 0-based row number {expected_idx}"
         )
     return Segment(video_id, caption, times["start"], times["end"], times["duration"], phase, int(idx))
-
-
-@dataclass(frozen=True)
-class VideoReference:
-    duration: float
-    timestamps: list[tuple[float, float]]
-    sentences: list[str]
-
-
-def read_references_json(path: str | Path) -> dict[str, VideoReference]:
-    """The official reference format, validated by the evaluator's reader, plus each video's duration."""
-    content = read_json(path)
-    references = {}
-    for video_id, segments in parse_reference(content, str(path)).items():
-        duration = content[video_id].get("duration")
-        if isinstance(duration, bool) or not isinstance(duration, int | float) or not math.isfinite(duration):
-            raise InputError(
-                f"{path}: video {video_id!r}: 'duration' must be a finite number, got {duration!r}"
-            )
-        timestamps = [(segment.start, segment.end) for segment in segments]
-        references[video_id] = VideoReference(float(duration), timestamps, [s.sentence for s in segments])
-    return references
 
 
 # --- features -----------------------------------------------------------------------------------------------

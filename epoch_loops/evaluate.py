@@ -3,8 +3,8 @@ metrics, print the table (×100) and a provenance line, and write the metrics JS
 
 from __future__ import annotations
 
-from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report, load_submission
-from evaluation.meteor import JavaError
+from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report
+from evaluation.formats import load_submission
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir
@@ -13,18 +13,15 @@ from utilities.run_dir import RunDir
 def evaluate(cfg: Config, run: RunDir) -> None:
     if not cfg.submission:
         raise InputError("--procedure eval needs --submission PRED.json")
-    try:
-        with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
-            cfg.reference_paths,
-            tious=cfg.tIoUs,
-            max_proposals=cfg.max_prop_per_vid,
-            soda=cfg.soda,
-            seed=cfg.seed,
-        ) as evaluator:
-            results = load_submission(cfg.submission)
-            report = evaluator.evaluate(results, source=str(cfg.submission))
-    except JavaError as e:
-        raise InputError(f"evaluation needs Java: {e}") from None
+    with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
+        cfg.reference_paths,
+        tious=cfg.tIoUs,
+        max_proposals=cfg.max_prop_per_vid,
+        soda=cfg.soda,
+        seed=cfg.seed,
+    ) as evaluator:
+        results = load_submission(cfg.submission)
+        report = evaluator.evaluate(results, source=str(cfg.submission))
     print(report.provenance())
     print(format_table(report))
     run.write_metrics("metrics.json", report.metrics, cfg.metrics_out)

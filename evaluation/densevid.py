@@ -16,8 +16,8 @@ Deviation: a video with an empty prediction list gets precision 0 (the original 
 Speed: the same (prediction, reference) pairs recur across tIoUs and reference files, so the tokenizer runs
 once (one JVM for the official per-tIoU documents), each distinct tokenised pair is scored once (METEOR
 statistics, BLEU n-gram counts, ROUGE-L) and per video only cheap aggregations remain: BLEU from summed counts,
-METEOR from summed statistics (METEOR's aggregate is a function of them, evaluated in Python bit for bit as
-Java does, see `Meteor.segment_scores`), CIDEr-D with the video's document frequencies. The tIoU matrices are
+METEOR from summed statistics (METEOR's aggregate is a function of them: one `EVAL` of all the videos'
+summed statistics), CIDEr-D with the video's document frequencies. The tIoU matrices are
 computed once for pairing and detection. Every aggregation repeats pycocoevalcap's floating-point operations in
 the same order, so the numbers are identical to the per-video pycocoevalcap calls (checked in tests and the
 benchmark).
@@ -25,7 +25,6 @@ benchmark).
 
 from __future__ import annotations
 
-import math
 import random
 import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,24 +35,22 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.formats import (
+    TimedSentence,
+    Videos,
+    load_reference,
+    parse_predictions,
+    parse_reference,
+    remove_nonascii,
+    tiou_matrix,
+)
 from evaluation.meteor import Meteor, parse_stats, perfect_segments
 from evaluation.ngram_metrics import NGRAMS, PairNgrams, corpus_bleu
 from evaluation.soda import soda_c
 from evaluation.tokenizer import ptb_tokenize_documents
 from utilities.errors import InputError
-from utilities.files import read_json
 
 AVERAGE_KEY = "Average across tIoUs"
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    sentence: str
-
-
-Videos = dict[str, list[Segment]]
 
 
 @dataclass
@@ -75,98 +72,6 @@ class Report:
             f"videos without predictions: {self.n_videos_without_predictions} | ignored (unknown ids): "
             f"{self.n_ignored_predictions} predictions of {self.n_ignored_videos} videos | garbage seed: {self.seed}"
         )
-
-
-# ---- input ---------------------------------------------------------------------------------------------------
-def remove_nonascii(text: str) -> str:
-    """The official evaluator's treatment of non-ASCII characters: each becomes a space."""
-    return text if text.isascii() else "".join(c if ord(c) < 128 else " " for c in text)
-
-
-def load_submission(path: str | Path) -> dict[str, Any]:
-    """The `results` mapping of a submission file (`{"results": {vid: [{sentence, timestamp}]}, ...}`)."""
-    submission = read_json(path)
-    if not isinstance(submission, dict) or not isinstance(submission.get("results"), dict):
-        raise InputError(f"{path}: a submission must be a JSON object with a 'results' object")
-    return submission["results"]
-
-
-def parse_predictions(results: Mapping[str, Any], source: str = "predictions") -> Videos:
-    """Validate `{vid: [{"sentence": str, "timestamp": [start, end]}, ...]}`; errors name the video and index."""
-    if not isinstance(results, Mapping):
-        raise InputError(f"{source}: 'results' must map video ids to lists of predictions")
-    videos: Videos = {}
-    for vid, predictions in results.items():
-        if not isinstance(predictions, list):
-            raise InputError(f"{source}: video {vid!r}: expected a list of predictions")
-        segments = []
-        for i, prediction in enumerate(predictions):
-            where = f"{source}: video {vid!r}, prediction {i}"
-            if not isinstance(prediction, Mapping):
-                raise InputError(f"{where}: expected an object with 'sentence' and 'timestamp'")
-            start, end = _timestamp(prediction.get("timestamp"), where)
-            sentence = prediction.get("sentence")
-            if not isinstance(sentence, str):
-                raise InputError(f"{where}: 'sentence' must be a string, got {type(sentence).__name__}")
-            segments.append(Segment(start, end, sentence))
-        videos[vid] = segments
-    return videos
-
-
-def load_reference(path: str | Path) -> Videos:
-    """A reference file `{vid: {"timestamps": [[s, e], ...], "sentences": [...]}}` (extra keys are ignored)."""
-    data = read_json(path)
-    return parse_reference(data, str(path))
-
-
-def parse_reference(data: Any, source: str = "reference") -> Videos:
-    if not isinstance(data, Mapping):
-        raise InputError(f"{source}: a reference must map video ids to {{timestamps, sentences}}")
-    videos: Videos = {}
-    for vid, entry in data.items():
-        where = f"{source}: video {vid!r}"
-        if not isinstance(entry, Mapping):
-            raise InputError(f"{where}: expected an object with 'timestamps' and 'sentences'")
-        timestamps, sentences = entry.get("timestamps"), entry.get("sentences")
-        if (
-            not isinstance(timestamps, list)
-            or not isinstance(sentences, list)
-            or len(timestamps) != len(sentences)
-        ):
-            raise InputError(f"{where}: 'timestamps' and 'sentences' must be lists of the same length")
-        segments = []
-        for i, (timestamp, sentence) in enumerate(zip(timestamps, sentences, strict=False)):
-            start, end = _timestamp(timestamp, f"{where}, segment {i}", check_order=False)
-            if not isinstance(sentence, str):
-                raise InputError(f"{where}, segment {i}: the sentence must be a string")
-            segments.append(Segment(start, end, sentence))
-        videos[vid] = segments
-    return videos
-
-
-def _timestamp(value: Any, where: str, check_order: bool = True) -> tuple[float, float]:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2
-    ok = ok and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    )
-    if not ok:
-        raise InputError(f"{where}: 'timestamp' must be two finite numbers [start, end], got {value!r}")
-    start, end = float(value[0]), float(value[1])
-    if check_order and start > end:
-        raise InputError(f"{where}: start {start} > end {end}")
-    return start, end
-
-
-# ---- tIoU ------------------------------------------------------------------------------------------------------
-def tiou_matrix(predictions: Sequence[Segment], references: Sequence[Segment]) -> np.ndarray:
-    """tIoU of every (prediction, reference) pair, with the official formula and operation order."""
-    p = np.array([(s.start, s.end) for s in predictions], dtype=np.float64).reshape(-1, 2)
-    r = np.array([(s.start, s.end) for s in references], dtype=np.float64).reshape(-1, 2)
-    start_i, end_i = p[:, :1], p[:, 1:]
-    start, end = r[:, 0][None, :], r[:, 1][None, :]
-    intersection = np.maximum(0.0, np.minimum(end, end_i) - np.maximum(start, start_i))
-    union = np.minimum(np.maximum(end, end_i) - np.minimum(start, start_i), end - start + end_i - start_i)
-    return intersection / (union + 1e-8)
 
 
 # ---- per-pair and per-video scoring ---------------------------------------------------------------------------
@@ -230,6 +135,9 @@ class DenseCaptioningEvaluator:
             raise InputError("at least one reference file is needed")
         if not tious:
             raise InputError("at least one tIoU is needed")
+        duplicates = sorted({float(t) for t in tious if list(map(float, tious)).count(float(t)) > 1})
+        if duplicates:
+            raise InputError(f"duplicate tIoUs {duplicates}: each threshold must be given once")
         if max_proposals < 1:
             raise InputError(f"max_proposals must be positive, got {max_proposals}")
         self.java = java
@@ -330,7 +238,7 @@ class DenseCaptioningEvaluator:
         )
 
     # ---- pairing -------------------------------------------------------------------------------------------
-    def _matches(self, predictions: Videos) -> dict[str, list[tuple[np.ndarray, list[Segment]]]]:
+    def _matches(self, predictions: Videos) -> dict[str, list[tuple[np.ndarray, list[TimedSentence]]]]:
         """Per reference video, for each reference file that has it: (tIoU of its predictions × the file's
         segments, those segments). Shared by the pairing and the detection metrics."""
         return {
@@ -343,7 +251,7 @@ class DenseCaptioningEvaluator:
         }
 
     def _pair_up(
-        self, predictions: Videos, matches: dict[str, list[tuple[np.ndarray, list[Segment]]]]
+        self, predictions: Videos, matches: dict[str, list[tuple[np.ndarray, list[TimedSentence]]]]
     ) -> tuple[dict[tuple[str, int], list[tuple[str, str]]], int]:
         """(video, tIoU index) → [(hyp, ref)] in the official order; unmatched predictions get garbage."""
         rng = random.Random(self.seed)
@@ -403,7 +311,10 @@ class DenseCaptioningEvaluator:
 
     # ---- detection -----------------------------------------------------------------------------------------
     def _detection(
-        self, predictions: Videos, matches: dict[str, list[tuple[np.ndarray, list[Segment]]]], tiou: float
+        self,
+        predictions: Videos,
+        matches: dict[str, list[tuple[np.ndarray, list[TimedSentence]]]],
+        tiou: float,
     ) -> tuple[float, float]:
         """Precision and recall at tIoU > t: per reference file, max over files, mean over reference videos."""
         precision, recall = [], []

@@ -8,14 +8,13 @@ hanging. The same object serves the evaluator and the RL rewards; a lock makes i
 
 Protocol of `-stdio` mode: `SCORE ||| ref_1 ||| ... ||| ref_n ||| hyp` answers one line of sufficient
 statistics; `EVAL ||| stats_1 ||| ... ||| stats_k` answers k per-segment scores and then the aggregate score.
-`score_from_stats` computes EVAL's per-segment scores in Python, bit for bit, but for the rare rows it marks.
+Every score comes from METEOR's own `EVAL`: no re-implementation of its formula to drift from it.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import platform
 import queue
 import shutil
 import subprocess
@@ -27,27 +26,16 @@ from pathlib import Path
 import numpy as np
 import pycocoevalcap.meteor.meteor as _pycoco_meteor
 
+from utilities.errors import ToolError
+
 METEOR_JAR = Path(_pycoco_meteor.__file__).with_name("meteor-1.5.jar")
 JAVA_ENV = "MMRL_JAVA"  # overrides the `java` executable for METEOR and the PTB tokenizer
 
-# Parameters of `-l en` (its default task "rank": Constants.PARAM_RANK / WEIGHT_RANK of the jar, as
-# MeteorConfiguration hands them to MeteorScorer); `-norm` only changes tokenisation, not the scoring.
-ALPHA = 0.85  # precision/recall weight of the harmonic mean
-BETA = 0.2  # fragmentation exponent; the double nearest 1/5, exactly 1/5 + 2**-54/5
-GAMMA = 0.6  # maximum fragmentation penalty
-DELTA = 0.75  # weight of content words against function words
-MODULE_WEIGHTS = (1.0, 0.6, 0.8, 0.6)  # matches of the exact, stem, synonym and paraphrase stages
-# Java's Math.pow (the HotSpot x86-64 intrinsic) is not correctly rounded: on 21M arguments it rounded the
-# wrong way only when the exact power lay within 0.0045 ulp of a rounding midpoint. Closer than this, the
-# Python side cannot tell which way Java rounds.
-POW_MARGIN = 0.01  # ulp
-# `score_from_stats` is checked against HotSpot's x86-64 Math.pow; elsewhere every score comes from Java.
-POW_VERIFIED = platform.machine().lower() in ("x86_64", "amd64")
 STATS_FIELDS = 23  # numbers in one `SCORE` answer
 PUMP_INTERVAL_S = 0.001  # how often Java's answers are read
 
 
-class JavaError(RuntimeError):
+class JavaError(ToolError):
     """Java is missing, or a Java process died, timed out or answered garbage. The message has its stderr."""
 
 
@@ -64,44 +52,20 @@ def java_executable(java: str | None = None) -> str:
     return path
 
 
+# Every character that Python's str.splitlines() (and Java, for some of them) treats as a line boundary.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_ONE_LINE = str.maketrans(dict.fromkeys(LINE_BREAKS, " "))
+
+
+def one_line(sentence: str) -> str:
+    """The sentence with every line break or separator character replaced by a space: the line protocols of
+    METEOR and the PTB tokenizer need exactly one line per sentence, or every later answer is shifted."""
+    return sentence.translate(_ONE_LINE)
+
+
 def sanitize(sentence: str) -> str:
-    """Make a sentence safe for the line protocol, as pycocoevalcap does for hypotheses (and newlines)."""
-    sentence = sentence.replace("\r", " ").replace("\n", " ")
-    return sentence.replace("|||", "").replace("  ", " ")
-
-
-def score_from_stats(values: np.ndarray) -> np.ndarray:
-    """Per-segment METEOR of statistics rows (N, 23), equal to the last bit to what `EVAL` answers.
-
-    It follows MeteorScorer.computeMetrics operation by operation (IEEE double arithmetic is the same in
-    numpy and Java). NaN marks the few rows (under 2%) whose Math.pow is too close to a tie to reproduce: ask
-    Java for those. Columns, as MeteorStats(String) reads them: test/reference length, test/reference
-    function words, 4 stages × (test content, reference content, test function, reference function) matches,
-    chunks, test/reference word matches.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    test_len, ref_len, test_function, ref_function = v[:, 0], v[:, 1], v[:, 2], v[:, 3]
-    chunks, test_words, ref_words = v[:, 20], v[:, 21], v[:, 22]
-    test_weighted_len = DELTA * (test_len - test_function) + (1.0 - DELTA) * test_function
-    ref_weighted_len = DELTA * (ref_len - ref_function) + (1.0 - DELTA) * ref_function
-    test_weighted = ref_weighted = 0.0
-    # the content matches of all stages, then the function ones
-    for stage, weight in enumerate(MODULE_WEIGHTS):
-        test_weighted = test_weighted + v[:, 4 + 4 * stage] * weight * DELTA
-        ref_weighted = ref_weighted + v[:, 5 + 4 * stage] * weight * DELTA
-    for stage, weight in enumerate(MODULE_WEIGHTS):
-        test_weighted = test_weighted + v[:, 6 + 4 * stage] * weight * (1.0 - DELTA)
-        ref_weighted = ref_weighted + v[:, 7 + 4 * stage] * weight * (1.0 - DELTA)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = test_weighted / test_weighted_len
-        recall = ref_weighted / ref_weighted_len
-        fmean = 1.0 / ((1.0 - ALPHA) / precision + ALPHA / recall)
-        frag = np.where(perfect_segments(v), 0.0, chunks / ((test_words + ref_words) / 2.0))
-        power, undecided = _java_pow_beta(frag)
-        score = fmean * (1.0 - GAMMA * power)
-    score = np.where(score > 0.0, score, 0.0)  # Java: NaN -> 0, else Math.max(score, 0.0) (no -0.0)
-    score[undecided] = np.nan
-    return score
+    """Make a sentence safe for METEOR's line protocol, as pycocoevalcap does for hypotheses (and breaks)."""
+    return one_line(sentence).replace("|||", "").replace("  ", " ")
 
 
 def perfect_segments(values: np.ndarray) -> np.ndarray:
@@ -110,52 +74,6 @@ def perfect_segments(values: np.ndarray) -> np.ndarray:
     test_total = values[:, 4:20:4].sum(axis=1) + values[:, 6:20:4].sum(axis=1)
     ref_total = values[:, 5:20:4].sum(axis=1) + values[:, 7:20:4].sum(axis=1)
     return (test_total == values[:, 0]) & (ref_total == values[:, 1]) & (values[:, 20] == 1.0)
-
-
-def _java_pow_beta(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Math.pow(x, BETA) as Java computes it, and a mask of where it cannot be known without Java.
-
-    Java's pow errs only next to rounding ties, so this is the correctly rounded power, checked for ties: one
-    Newton step for the fifth root in double-double arithmetic (Dekker's exact products) corrects numpy's
-    approximation, plus the first-order term of the 2**-54/5 that BETA exceeds 1/5 by.
-    """
-    with np.errstate(all="ignore"):
-        approx = np.power(x, BETA)
-        hi, lo = _two_product(approx, approx)
-        hi, lo = _dd_product(hi, lo, hi, lo)
-        hi, lo = _dd_product(hi, lo, approx, 0.0)
-        residual = (x - hi) - lo  # x - approx**5, exact up to a rounding of the last term
-        correction = approx * (residual / (5.0 * x)) + approx * np.log(x) / (5.0 * 2.0**54)
-        power = approx + correction
-        rounding = correction - (power - approx)  # exact: the exact power minus its nearest double
-        gap = np.where(rounding >= 0, np.nextafter(power, np.inf) - power, power - np.nextafter(power, 0.0))
-        decided = (np.abs(rounding) < (0.5 - POW_MARGIN) * gap) & (x > 2.0**-900)  # error terms stay normal
-    special = (x == 0.0) | ~np.isfinite(x)  # 0, inf, NaN: numpy's pow agrees with Java's
-    return np.where(special, approx, power), ~(decided | special)
-
-
-def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """a * b as an unevaluated sum hi + lo, exactly (Dekker)."""
-    product = a * b
-    a_hi, a_lo = _split(a)
-    b_hi, b_lo = _split(b)
-    return product, ((a_hi * b_hi - product) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-
-
-def _split(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scaled = 134217729.0 * a  # 2**27 + 1: halves of 26 bits whose products are exact
-    hi = scaled - (scaled - a)
-    return hi, a - hi
-
-
-def _dd_product(
-    a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray, b_lo: np.ndarray | float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Product of two double-doubles, to about 2**-104 relative."""
-    hi, lo = _two_product(a_hi, b_hi)
-    lo = lo + (a_hi * b_lo + a_lo * b_hi)
-    total = hi + lo
-    return total, lo - (total - hi)
 
 
 def parse_stats(lines: Sequence[str]) -> np.ndarray:
@@ -198,31 +116,19 @@ class Meteor:
         lines = [" ||| ".join(["SCORE", *map(sanitize, refs), sanitize(hyp)]) for hyp, refs in pairs]
         return [answer[0] for answer in self._exchange(lines, [1] * len(lines))]
 
-    def aggregate(self, groups: Sequence[Sequence[str]]) -> list[float]:
-        """Corpus METEOR of each group of statistics: one `EVAL` per group, its last answer line."""
-        answers = self._exchange([self._eval_line(group) for group in groups], [len(g) + 1 for g in groups])
-        return [float(answer[-1]) for answer in answers]
-
-    def java_segment_scores(self, stats: Sequence[str]) -> list[float]:
-        """Sentence-level METEOR of each statistics line, from Java (one `EVAL` for all of them)."""
-        if not stats:
-            return []
-        (answer,) = self._exchange([self._eval_line(stats)], [len(stats) + 1])
-        return [float(line) for line in answer[:-1]]
-
-    def segment_scores(self, values: np.ndarray) -> np.ndarray:
-        """Sentence-level METEOR of each statistics row (N, 23), as Java's `EVAL` answers it: computed here
-        (Java's EVAL costs about 0.1 ms a row), asking Java only for rows `score_from_stats` cannot decide."""
-        values = np.asarray(values, dtype=np.float64).reshape(-1, STATS_FIELDS)
-        scores = score_from_stats(values) if POW_VERIFIED else np.full(len(values), np.nan)
-        undecided = np.flatnonzero(np.isnan(scores))
-        if undecided.size:
-            scores[undecided] = self.java_segment_scores([stats_line(values[i]) for i in undecided])
-        return scores
+    def segment_scores(self, stats: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Sentence-level METEOR of each statistics line (or row of an (N, 23) array), as METEOR's own `EVAL`
+        computes it: one exchange for all of them."""
+        if isinstance(stats, np.ndarray):
+            stats = [stats_line(row) for row in stats.reshape(-1, STATS_FIELDS)]
+        if not len(stats):
+            return np.zeros(0)
+        (answer,) = self._exchange([" ||| ".join(["EVAL", *stats])], [len(stats) + 1])
+        return np.array([float(line) for line in answer[:-1]])
 
     def sentence_scores(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[float]:
         """Sentence-level METEOR of each (hypothesis, references) pair, e.g. for RL rewards."""
-        return self.segment_scores(parse_stats(self.stats(pairs))).tolist()
+        return self.segment_scores(self.stats(pairs)).tolist()
 
     def close(self) -> None:
         with self._lock:
@@ -238,12 +144,6 @@ class Meteor:
         self._kill()
 
     # ---- process handling ------------------------------------------------------------------------------
-    @staticmethod
-    def _eval_line(stats: Sequence[str]) -> str:
-        if not stats:
-            raise ValueError("METEOR EVAL needs at least one statistics line")
-        return " ||| ".join(["EVAL", *stats])
-
     def _exchange(self, lines: list[str], answers_per_line: list[int]) -> list[list[str]]:
         """Send all lines, read the expected number of answers; kill the process on any failure."""
         if not lines:
@@ -262,6 +162,11 @@ class Meteor:
             except (JavaError, ValueError, IndexError) as e:
                 self._kill()
                 raise JavaError(f"METEOR failed ({e}); stderr: {self._stderr_text()}") from None
+            except BaseException:
+                # An interrupt (or any other error) mid-exchange leaves answers unread: a process kept alive
+                # would hand them to the next caller. Only a fresh process is safe.
+                self._kill()
+                raise
             writer.join()
             return answers
 

@@ -12,13 +12,11 @@ as in SODA (the official captioning metrics count them as 0 instead).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from evaluation.densevid import Segment
-    from evaluation.meteor import Meteor
+from evaluation.formats import TimedSentence, remove_nonascii, tiou_matrix
+from evaluation.meteor import Meteor
 
 
 def ordered_matching_score(weights: np.ndarray) -> float:
@@ -39,14 +37,12 @@ def ordered_matching_score(weights: np.ndarray) -> float:
 
 
 def soda_c(
-    predictions: Mapping[str, Sequence[Segment]],
-    references: Sequence[Mapping[str, Sequence[Segment]]],
+    predictions: Mapping[str, Sequence[TimedSentence]],
+    references: Sequence[Mapping[str, Sequence[TimedSentence]]],
     tokens: Mapping[str, str],
     meteor: Meteor,
 ) -> float:
     """SODA_c of `predictions` (already truncated); `tokens` maps every ASCII-cleaned sentence to its tokens."""
-    from evaluation.densevid import remove_nonascii, tiou_matrix
-
     # Collect the weighted pairs of every video first, so that METEOR runs once for all of them.
     jobs = []  # (reference index, n_gold, n_pred, tIoU matrix, positions with tIoU > 0, their pair indices)
     pairs: dict[tuple[str, str], int] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pycocoevalcap.tokenizer.ptbtokenizer as _pycoco_ptb
 
-from evaluation.meteor import JavaError, java_executable
+from evaluation.meteor import JavaError, java_executable, one_line
 
 CORENLP_JAR = Path(_pycoco_ptb.__file__).with_name("stanford-corenlp-3.4.1.jar")
 PUNCTUATIONS = frozenset(_pycoco_ptb.PUNCTUATIONS)
@@ -37,8 +37,8 @@ def ptb_tokenize_documents(
         folder = Path(tmp)
         listing = []
         for i in todo:
-            # pycocoevalcap replaces newlines by spaces; a carriage return would also split the line in Java.
-            text = "\n".join(s.replace("\n", " ").replace("\r", " ") for s in documents[i])
+            # pycocoevalcap replaces newlines by spaces; Java also ends a line at \r, \x0b, \x0c, ...
+            text = "\n".join(one_line(s) for s in documents[i])
             (folder / f"{i}.txt").write_bytes(text.encode())
             listing.append(f"{folder / f'{i}.txt'}\t{folder / f'{i}.tok'}")
         (folder / "files.txt").write_text("\n".join(listing) + "\n")
@@ -65,12 +65,11 @@ def ptb_tokenize_documents(
         for i in todo:
             output = folder / f"{i}.tok"
             lines = output.read_bytes().decode().split("\n") if output.is_file() else []
-            if len(lines) < len(documents[i]):
+            if len(lines) != len(documents[i]):
                 raise JavaError(
                     f"the PTB tokenizer returned {len(lines)} lines for {len(documents[i])} sentences: {stderr}"
                 )
             tokenized[i] = [
-                " ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS)
-                for line in lines[: len(documents[i])]
+                " ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS) for line in lines
             ]
     return tokenized

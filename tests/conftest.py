@@ -3,12 +3,16 @@ need it skip cleanly on a user's fresh clone."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# METEOR 1.5 and the PTB tokenizer run on the JVM: tests that score captions skip cleanly without Java.
+requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 
 
 @pytest.fixture

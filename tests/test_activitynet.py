@@ -10,11 +10,11 @@ from datasets.activitynet import (
     CSV_COLUMNS,
     build_caption_dataset,
     read_captions_csv,
-    read_references_json,
 )
 from datasets.features import pack_directory
 from datasets.loader import CaptionLoader
 from datasets.vocabulary import build_vocabulary
+from evaluation.formats import load_reference
 from utilities.config import Config
 from utilities.errors import InputError
 
@@ -50,9 +50,10 @@ def test_real_rows_parse_exactly(shared_data):
 
 
 def test_real_reference_json(shared_data):
-    references = read_references_json(shared_data / "activitynet" / "val_1_no_missings.json")
+    references = load_reference(shared_data / "activitynet" / "val_1_no_missings.json")
     assert len(references) == 4483
-    assert references["v_uqiMw7tQ1Cc"].timestamps[0] == (0.28, 55.15)
+    first = references["v_uqiMw7tQ1Cc"][0]
+    assert (first.start, first.end) == (0.28, 55.15)
 
 
 def write_csv(path, rows, header=HEADER):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasets.activitynet import read_captions_csv, read_references_json
+from datasets.activitynet import read_captions_csv
 from datasets.demo import ACTIONS, AUDIO_STRIDE_S, VIDEO_STRIDE_S, ensure_demo_dataset
 from datasets.features import open_feature_store
 from datasets.vocabulary import build_vocabulary, tokenize
+from evaluation.formats import load_reference
 from utilities.errors import InputError
 
 
@@ -21,10 +22,10 @@ def test_real_formats_and_sizes(demo):
     train = read_captions_csv(demo.train_meta_path)
     val_1, val_2 = read_captions_csv(demo.val_1_meta_path), read_captions_csv(demo.val_2_meta_path)
     assert len(train.video_ids) == 40 and val_1.video_ids == val_2.video_ids and len(val_1.video_ids) == 10
-    references = read_references_json(demo.val_1_json)
+    references = load_reference(demo.val_1_json)
     assert list(references) == val_1.video_ids
-    assert len(read_references_json(demo.root / "val_1.json")) == 12  # 2 videos without features
-    assert sum(len(r.sentences) for r in references.values()) == len(val_1.segments)
+    assert len(load_reference(demo.root / "val_1.json")) == 12  # 2 videos without features
+    assert sum(len(r) for r in references.values()) == len(val_1.segments)
     video = open_feature_store(demo.video_features_path, "video", 1024)
     audio = open_feature_store(demo.audio_features_path, "audio", 128)
     for s in train.segments[:10]:

@@ -6,8 +6,10 @@ import json
 
 from datasets.activitynet import read_captions_csv
 from main import main
+from tests.conftest import requires_java
 
 
+@requires_java
 def test_demo_scores_the_retrieval_baseline_above_the_constant_one(tmp_path, capsys):
     argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
     assert main([*argv, "--exp_name", "run", "--num_workers", "0"]) == 0
@@ -28,3 +30,11 @@ def test_demo_scores_the_retrieval_baseline_above_the_constant_one(tmp_path, cap
     assert main([*argv, "--exp_name", "dry", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "vocabulary size: " in out and "trainable parameters: " in out and "METEOR" not in out
+
+
+def test_demo_without_working_java_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMRL_JAVA", str(tmp_path / "no_java_here"))
+    argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
+    assert main([*argv, "--num_workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("main.py: error: Java executable") and err.count("\n") == 1

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
 from pycocoevalcap.rouge.rouge import Rouge
 
-from evaluation.densevid import (
-    DenseCaptioningEvaluator,
-    Segment,
-    _sum_stats,
-    load_submission,
-    parse_predictions,
-    rouge_l,
-    tiou_matrix,
-)
+from evaluation.densevid import DenseCaptioningEvaluator, _sum_stats, rouge_l
+from evaluation.formats import TimedSentence, load_submission, parse_predictions, tiou_matrix
 from evaluation.meteor import Meteor, parse_stats
 from evaluation.soda import ordered_matching_score, soda_c
+from tests.conftest import requires_java
+from tests.densevid_reference import straightforward
 from utilities.errors import InputError
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
 REFERENCE = {
     "v1": {"timestamps": [[0, 10], [10, 20]], "sentences": ["a man runs", "a man jumps"]},
     "v2": {"timestamps": [[0, 5]], "sentences": ["a dog barks"]},
@@ -31,7 +24,7 @@ REFERENCE = {
 
 
 def seg(start, end, sentence="x"):
-    return Segment(float(start), float(end), sentence)
+    return TimedSentence(float(start), float(end), sentence)
 
 
 def test_tiou_hand_values():
@@ -47,6 +40,7 @@ def detection(evaluator, predictions, tiou):
     return evaluator._detection(predictions, evaluator._matches(predictions), tiou)
 
 
+@requires_java  # the evaluator starts METEOR when it is built
 def test_pairing_and_seeded_garbage():
     evaluator = DenseCaptioningEvaluator([REFERENCE], tious=[0.3, 0.9], seed=3)
     preds = parse_predictions(
@@ -73,6 +67,7 @@ def test_pairing_and_seeded_garbage():
     assert again == groups
 
 
+@requires_java  # the evaluator starts METEOR when it is built
 def test_pairs_from_every_reference_file_at_tiou_ge():
     second = {"v1": {"timestamps": [[0, 10]], "sentences": ["someone runs"]}}
     evaluator = DenseCaptioningEvaluator([REFERENCE, second], tious=[0.5])
@@ -83,6 +78,7 @@ def test_pairs_from_every_reference_file_at_tiou_ge():
     assert [ref for _, ref in groups["v1", 0]] == ["a man runs", "someone runs"]
 
 
+@requires_java  # the evaluator starts METEOR when it is built
 def test_precision_recall_strict_max_over_files_and_empty_predictions():
     second = {"v1": {"timestamps": [[30, 40]], "sentences": ["late"]}}
     evaluator = DenseCaptioningEvaluator([REFERENCE, second], tious=[0.5])
@@ -195,7 +191,7 @@ def test_bad_submission_files(tmp_path):
         load_submission(broken)
 
 
-@needs_java
+@requires_java
 def test_result_does_not_depend_on_garbage_letters_and_missing_videos_count_zero():
     results = {
         "v1": [
@@ -217,7 +213,7 @@ def test_result_does_not_depend_on_garbage_letters_and_missing_videos_count_zero
     assert 0 < row["METEOR"] < 0.6 and 0 < row["Bleu_1"] < 0.5
 
 
-@needs_java
+@requires_java
 def test_reproduces_official_numbers_on_bmt_predictions(shared_data):
     expected = {
         1: [21.7718, 10.5555, 4.6822, 2.0706, 10.7377, 22.5057, 42.5345, 100, 100],
@@ -236,14 +232,7 @@ def test_reproduces_official_numbers_on_bmt_predictions(shared_data):
 
 def test_matches_the_official_algorithm_on_perturbed_real_predictions(shared_data, tmp_path):
     """Several tIoUs, two reference files, unmatched, truncated, missing and unknown predictions, non-ASCII:
-    the evaluator equals a direct implementation of the official algorithm (benchmarks/bench_densevid.py)."""
-    import sys
-
-    from tests.conftest import REPO
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_densevid import straightforward
-
+    the evaluator equals a direct implementation of the official algorithm (tests/densevid_reference.py)."""
     rng = random.Random(1)
     refs = [
         json.loads((shared_data / "activitynet" / f"val_{i}_no_missings.json").read_text()) for i in (1, 2)

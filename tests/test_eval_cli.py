@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 from main import main
-from tests.conftest import REPO
+from tests.conftest import REPO, requires_java
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Java is not installed")
+pytestmark = requires_java
 METRICS = [
     "Bleu_1",
     "Bleu_2",
@@ -99,6 +96,27 @@ def test_cli_missing_java_is_one_line_error(tmp_path, capsys, monkeypatch):
     argv = ["--procedure", "eval", "--submission", submission, "--reference_paths", reference]
     assert main([*argv, "--log_dir", str(tmp_path / "log")]) == 2
     assert "Java executable '/nonexistent/java' not found" in capsys.readouterr().err
+
+
+def test_cli_duplicate_tious_are_rejected(tmp_path, capsys):
+    reference = write(tmp_path / "ref.json", {"v1": {"timestamps": [[0, 10]], "sentences": ["a"]}})
+    submission = write(tmp_path / "sub.json", {"results": {"v1": [{"sentence": "a", "timestamp": [0, 10]}]}})
+    argv = ["--procedure", "eval", "--submission", submission, "--reference_paths", reference]
+    assert main([*argv, "--tIoUs", "0.5", "0.7", "0.5", "--log_dir", str(tmp_path / "log")]) == 2
+    assert "duplicate tIoUs [0.5]" in capsys.readouterr().err
+
+
+def test_cli_crashing_java_is_reported_as_what_happened(tmp_path, capsys, monkeypatch):
+    fake = tmp_path / "java"
+    fake.write_text("#!/bin/sh\necho 'Error: could not reserve heap' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("MMRL_JAVA", str(fake))
+    reference = write(tmp_path / "ref.json", {"v1": {"timestamps": [[0, 10]], "sentences": ["a"]}})
+    submission = write(tmp_path / "sub.json", {"results": {"v1": [{"sentence": "a", "timestamp": [0, 10]}]}})
+    argv = ["--procedure", "eval", "--submission", submission, "--reference_paths", reference]
+    assert main([*argv, "--log_dir", str(tmp_path / "log")]) == 2
+    err = capsys.readouterr().err
+    assert "could not reserve heap" in err and "needs Java" not in err and "Traceback" not in err
 
 
 def test_cli_eval_does_not_import_torch(tmp_path):

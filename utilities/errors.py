@@ -1,5 +1,11 @@
-"""The one exception type for bad user input (files, rows, values): main.py prints it on one line."""
+"""The exceptions main.py reports on one line, without a traceback: bad user input, and an external program
+(Java) that failed in a way the user has to act on."""
 
 
 class InputError(ValueError):
     """Bad input from the user's files or flags. The message names the file, row/key/id and the reason."""
+
+
+class ToolError(RuntimeError):
+    """An external program (Java: METEOR, the PTB tokenizer) is missing, crashed, timed out or answered
+    garbage. The message says which and what happened (with its stderr)."""

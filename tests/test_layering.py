@@ -1,0 +1,67 @@
+"""The layering of ../shared/DESIGN.md: utilities/ is the ground, datasets/, model/ and evaluation/ stand side by
+side on it without importing each other, epoch_loops/ wires them, main.py sits on top; no import cycles."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.conftest import REPO
+
+PACKAGES = ("utilities", "datasets", "model", "evaluation", "epoch_loops")
+ALLOWED = {
+    "utilities": {"utilities"},
+    "datasets": {"utilities", "datasets"},
+    "model": {"utilities", "model"},
+    "evaluation": {"utilities", "evaluation"},
+    "epoch_loops": {"utilities", "datasets", "model", "evaluation", "epoch_loops"},
+}
+
+
+def first_party_imports() -> dict[str, set[str]]:
+    """module name → the first-party modules it imports (at any depth of the file: lazy imports count)."""
+    graph = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).glob("*.py")):
+            module = f"{package}.{path.stem}"
+            imported = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                imported |= {name for name in names if name.split(".")[0] in (*PACKAGES, "main")}
+            graph[module] = imported
+    return graph
+
+
+def test_arrows_point_one_way_between_packages():
+    wrong = [
+        f"{module} imports {target}"
+        for module, targets in first_party_imports().items()
+        for target in targets
+        if target.split(".")[0] not in ALLOWED[module.split(".")[0]]
+    ]
+    assert not wrong
+
+
+def test_no_import_cycles():
+    graph = first_party_imports()
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    assert not [m for m in graph if reaches(m, m, set())]
+
+
+def test_one_segment_class():
+    definitions = [
+        path.relative_to(REPO).as_posix()
+        for package in PACKAGES
+        for path in (REPO / package).glob("*.py")
+        if "\nclass Segment" in path.read_text()
+    ]
+    assert definitions == ["datasets/activitynet.py"]
