@@ -92,11 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--inf_B_coeff", type=int, default=2, help="validation batch = inf_B_coeff × B")
 
     parser.add_argument_group("RL")
-    parser.add_argument_group("ranking")
+    ranking = parser.add_argument_group("ranking")
+    ranking.add_argument(
+        "--ranking_predictions",
+        default=None,
+        help='eval --task ranking: a predictions JSON [{"id", "scores": [...], "targets": [...]}, ...]',
+    )
+    ranking.add_argument(
+        "--ndcg_empty_ideal",
+        type=int,
+        choices=[0, 1],
+        default=1,
+        help="NDCG of a clip without relevant labels (ideal DCG 0): 1 as LR2PPO/LightGBM, 0 as allRank",
+    )
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
-        "--task", default="captioning", choices=["captioning"], help="eval: what to evaluate"
+        "--task", default="captioning", choices=["captioning", "ranking"], help="eval: what to evaluate"
     )
     evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
     evaluation.add_argument(

@@ -1,7 +1,8 @@
-"""A small synthetic ActivityNet Captions look-alike, generated on demand in the real on-disk formats.
+"""Small synthetic but learnable datasets, generated on demand in the real on-disk formats: an ActivityNet
+Captions look-alike for BMHRL and an LRMovieNet look-alike for LR²PPO (`ensure_ranking_demo`, at the end).
 
-Because it is written as the real CSVs, JSONs and `.npy` feature directories, the demo runs exactly the code
-real data runs. It is learnable: each caption comes from a small grammar ("A man plays a guitar in a park"),
+Because they are written in the real formats (CSVs, JSONs, `.npy` directories; JSONs and HDF5), the demos run
+exactly the code real data runs. The captioning demo is learnable: each caption comes from a small grammar ("A man plays a guitar in a park"),
 and over each event's time span the video features carry the event's action and object (rgb: object + the
 video's place, flow: action) while the audio features carry its subject and the action's sound, plus noise.
 Videos have several events that sometimes overlap. Strides are the real ones (video 2.56 s, audio 0.96 s).
@@ -13,9 +14,11 @@ import csv
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from datasets.activitynet import CSV_COLUMNS
@@ -94,21 +97,30 @@ def ensure_demo_dataset(root: str | Path, seed: int = 0, n_train: int = 160, n_v
     complete one with the same parameters."""
     root = Path(root)
     params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_val": n_val}
+    _build_once(
+        root, params, lambda tmp: _generate(DemoPaths.under(tmp), np.random.default_rng(seed), n_train, n_val)
+    )
+    return DemoPaths.under(root)
+
+
+def _build_once(root: Path, params: dict, generate: Callable[[Path], None]) -> None:
+    """Run `generate(folder)` in a temporary folder and rename it to `root`, unless `root` already holds a
+    complete demo generated with the same `params` (recorded in its demo_info.json)."""
     if _read_marker(root) == params:
-        return DemoPaths.under(root)
+        return
     if root.exists() and any(root.iterdir()) and _read_marker(root) is None:
         raise InputError(f"{root}: exists and is not a demo dataset folder; choose another --demo_dir")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    _generate(DemoPaths.under(tmp), np.random.default_rng(seed), n_train, n_val)
+    tmp.mkdir()
+    generate(tmp)
     (tmp / "demo_info.json").write_text(json.dumps(params) + "\n")
     if root.exists():  # an older demo (other parameters): replace it
         old = root.with_name(f".{root.name}.old{os.getpid()}")
         os.replace(root, old)
         shutil.rmtree(old)
     os.replace(tmp, root)
-    return DemoPaths.under(root)
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -224,3 +236,222 @@ def _write_csv(path: Path, phase: str, references: dict) -> None:
                 caption = sentence.replace(".", "").strip()
                 writer.writerow([video_id, caption, start, end, ref["duration"], phase, idx])
                 idx += 1
+
+
+# --- LR²PPO label ranking: a small LRMovieNet look-alike ------------------------------------------------------
+
+RANKING_VERSION = 1
+CONCEPTS = [
+    "beach",
+    "night",
+    "car",
+    "wedding",
+    "fight",
+    "rain",
+    "city",
+    "forest",
+    "kitchen",
+    "dance",
+    "horse",
+    "office",
+]
+SOURCE_SUFFIXES, TARGET_SUFFIXES = (
+    ("scene", "shot", "moment"),
+    ("vibe", "setting", "theme"),
+)  # two vocabularies
+
+
+@dataclass(frozen=True)
+class RankingDemoPaths:
+    root: Path
+    first_stage: Path  # source-vocabulary clips with graded targets: stage 1 (pointwise)
+    first_second_stage: (
+        Path  # source + target clips: stage 3 (PPO; targets present but unused, as the original)
+    )
+    pairs: Path  # the same clips with preference pairs `index`: stage 2 (reward model)
+    val: Path  # target-vocabulary clips with graded targets: selection
+    test: Path  # target-vocabulary clips with graded targets: reporting
+    features_h5: Path
+    seq_length: int
+    visual_feat_dim: int
+    max_imgs: int
+    max_tags: int  # labels per clip
+
+    @classmethod
+    def under(
+        cls, root: Path, seq_length: int, dim: int, max_imgs: int, labels_per_clip: int
+    ) -> RankingDemoPaths:
+        return cls(
+            root=root,
+            first_stage=root / "first_stage_data.json",
+            first_second_stage=root / "first_second_stage_data.json",
+            pairs=root / "first_second_data_pair.json",
+            val=root / "val_data.json",
+            test=root / "test_data.json",
+            features_h5=root / "clean_feat.h5",
+            seq_length=seq_length,
+            visual_feat_dim=dim,
+            max_imgs=max_imgs,
+            max_tags=labels_per_clip,
+        )
+
+    def config_overrides(self, stage: str) -> dict[str, str | int]:
+        """The `Config` settings that point stage `pointwise`, `reward`, `ppo` or `eval` at the demo data."""
+        train = {"pointwise": self.first_stage, "reward": self.pairs, "ppo": self.first_second_stage}
+        if stage not in (*train, "eval"):
+            raise ValueError(f"unknown stage {stage!r}")
+        overrides: dict[str, str | int] = {
+            "features_h5": str(self.features_h5),
+            "dev_path": str(self.val),
+            "test_path": str(self.test),
+            "seq_length": self.seq_length,
+            "visual_feat_dim": self.visual_feat_dim,
+            "max_imgs": self.max_imgs,
+        }
+        if stage in train:
+            overrides["train_path"] = str(train[stage])
+        return overrides
+
+
+def ensure_ranking_demo(
+    root: str | Path,
+    seed: int = 0,
+    n_source: int = 200,
+    n_target: int = 120,
+    n_val: int = 60,
+    n_test: int = 60,
+    seq_length: int = 8,
+    dim: int = 32,
+    max_imgs: int = 4,
+    labels_per_clip: int = 10,
+    pair_fraction: float = 0.3,
+    domain_shift: float = 0.5,
+) -> RankingDemoPaths:
+    """Generate (once; reused when the parameters match) a learnable LRMovieNet look-alike in the real formats.
+
+    Each clip shows one main concept strongly and two secondary ones weakly in its frames; a label names one
+    concept. Relevance: 2 (high) for the main concept's labels, 1 (medium) for a secondary concept's, 0 (low)
+    for the rest. Source and target vocabularies are disjoint and describe the same concepts through different
+    text-feature maps: the target map is the source one turned by `domain_shift` (0 same, 1 orthogonal) of a
+    right angle towards another. So a scorer trained on the source labels transfers only partly, and the
+    target pairs (the reward model's data) hold what is needed to adapt.
+    """
+    root = Path(root)
+    sizes = {"seq_length": seq_length, "dim": dim, "max_imgs": max_imgs, "labels_per_clip": labels_per_clip}
+    params = {
+        "kind": "ranking",
+        "version": RANKING_VERSION,
+        "seed": seed,
+        "clips": [n_source, n_target, n_val, n_test],
+        "pair_fraction": pair_fraction,
+        "domain_shift": domain_shift,
+        **sizes,
+    }
+    if labels_per_clip < 6:
+        raise ValueError("labels_per_clip must be at least 6 (2 high, 2 medium, 2 low)")
+    _build_once(
+        root,
+        params,
+        lambda tmp: _generate_ranking(
+            RankingDemoPaths.under(tmp, **sizes),
+            np.random.default_rng(seed),
+            (n_source, n_target, n_val, n_test),
+            pair_fraction,
+            domain_shift,
+        ),
+    )
+    return RankingDemoPaths.under(root, **sizes)
+
+
+def _orthonormalize(m: np.ndarray) -> np.ndarray:
+    """Gram–Schmidt on the columns (QR with the signs fixed, so an orthogonal matrix comes back unchanged)."""
+    q, r = np.linalg.qr(m)
+    return q * np.sign(np.diag(r))
+
+
+@dataclass(frozen=True)
+class _DemoLabel:
+    name: str
+    concept: int
+    meaning: np.ndarray  # the concept seen through its vocabulary's text map
+    identity: np.ndarray  # what makes this label's features its own
+
+
+def _generate_ranking(
+    paths: RankingDemoPaths,
+    rng: np.random.Generator,
+    counts: tuple[int, ...],
+    pair_fraction: float,
+    shift: float,
+) -> None:
+    dim, seq_length = paths.visual_feat_dim, paths.seq_length
+    concepts = rng.normal(size=(len(CONCEPTS), dim))
+    concepts *= np.sqrt(dim) / np.linalg.norm(
+        concepts, axis=1, keepdims=True
+    )  # about unit scale per dimension
+    image_map, source_map, other = (_orthonormalize(rng.normal(size=(dim, dim))) for _ in range(3))
+    angle = shift * np.pi / 2
+    target_map = _orthonormalize(np.cos(angle) * source_map + np.sin(angle) * other)
+    token_weight = np.where(np.arange(seq_length) < max(1, seq_length // 2), 1.0, 0.3)[:, None]
+    vocabularies = {
+        domain: [
+            _DemoLabel(f"{concept} {suffix}", c, concepts[c] @ text_map.T, rng.normal(size=dim))
+            for c, concept in enumerate(CONCEPTS)
+            for suffix in suffixes
+        ]
+        for domain, suffixes, text_map in (
+            ("source", SOURCE_SUFFIXES, source_map),
+            ("target", TARGET_SUFFIXES, target_map),
+        )
+    }
+    per_level = {2: 2, 1: 2, 0: paths.max_tags - 4}  # labels per clip of each relevance level
+
+    def clip(n: int, domain: str, h5: h5py.File) -> dict:
+        main, *secondary = rng.choice(len(CONCEPTS), size=3, replace=False)
+        level_of = {c: 2 if c == main else 1 if c in secondary else 0 for c in range(len(CONCEPTS))}
+        picked = []
+        for level, k in per_level.items():
+            candidates = [label for label in vocabularies[domain] if level_of[label.concept] == level]
+            picked += [(level, candidates[i]) for i in rng.choice(len(candidates), size=k, replace=False)]
+        picked = [picked[i] for i in rng.permutation(len(picked))]
+        text = np.stack(
+            [
+                token_weight * label.meaning + 0.3 * label.identity + 0.5 * rng.normal(size=(seq_length, dim))
+                for _, label in picked
+            ]
+        )
+        n_frames = int(rng.integers(2, 2 * paths.max_imgs))  # fewer or more frames than slots
+        presence = rng.random((n_frames, 2)) < 0.7
+        presence[rng.integers(n_frames, size=2), [0, 1]] = (
+            True  # each secondary concept in at least one frame
+        )
+        scenes = concepts[main] + 0.5 * presence @ concepts[secondary]
+        frames = (scenes + 0.5 * rng.normal(size=(n_frames, dim))) @ image_map.T
+        clip_id = f"demo{n:05d}"
+        group = h5.create_group(clip_id)
+        group["text_emb"] = text.astype(np.float32)
+        group["img_emb"] = frames[None].astype(np.float32)
+        return {"id": clip_id, "tags": [{"tag": label.name, "target": level} for level, label in picked]}
+
+    with h5py.File(paths.features_h5, "w") as h5:
+        numbers = iter(range(sum(counts)))
+        source, target, val, test = (
+            [clip(next(numbers), domain, h5) for _ in range(n)]
+            for n, domain in zip(counts, ("source", "target", "target", "target"), strict=True)
+        )
+
+    def with_pairs(entry: dict) -> dict:
+        """A random `pair_fraction` of the clip's preference pairs (the original kept 10 %)."""
+        levels = [tag["target"] for tag in entry["tags"]]
+        ordered = [[i, j] for i, a in enumerate(levels) for j, b in enumerate(levels) if a > b]
+        keep = rng.random(len(ordered)) < pair_fraction
+        return {**entry, "index": [pair for pair, k in zip(ordered, keep, strict=True) if k]}
+
+    for path, clips in (
+        (paths.first_stage, source),
+        (paths.first_second_stage, source + target),
+        (paths.pairs, [with_pairs(entry) for entry in source + target]),
+        (paths.val, val),
+        (paths.test, test),
+    ):
+        path.write_text(json.dumps(clips))

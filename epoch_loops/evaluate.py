@@ -1,16 +1,43 @@
-"""`main.py --procedure eval --task captioning`: score a submission file with the official dense-captioning
-metrics, print the table (×100) and a provenance line, and write the metrics JSON (fractions in [0, 1])."""
+"""`main.py --procedure eval`: score a predictions file and write the metrics JSON.
+
+`--task captioning`: a dense-captioning submission, scored with the official metrics; prints the table (×100)
+and a provenance line; the metrics JSON holds fractions in [0, 1].
+`--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k; prints one
+line per metric. Neither task imports torch.
+"""
 
 from __future__ import annotations
 
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report
 from evaluation.formats import load_submission
+from evaluation.ranking import read_predictions, score_predictions
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir
 
 
 def evaluate(cfg: Config, run: RunDir) -> None:
+    if cfg.task == "ranking":
+        evaluate_ranking(cfg, run)
+    else:
+        evaluate_captioning(cfg, run)
+
+
+def evaluate_ranking(cfg: Config, run: RunDir) -> None:
+    if not cfg.ranking_predictions:
+        raise InputError(
+            "--procedure eval --task ranking needs --ranking_predictions P.json "
+            "(scoring a checkpoint directly is not available yet)"
+        )
+    metrics = score_predictions(read_predictions(cfg.ranking_predictions), cfg.ndcg_empty_ideal)
+    print(
+        f"{cfg.ranking_predictions}: {metrics['clips']} clips, empty ideal DCG counts as {cfg.ndcg_empty_ideal}"
+    )
+    print("  ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "clips"))
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+
+
+def evaluate_captioning(cfg: Config, run: RunDir) -> None:
     if not cfg.submission:
         raise InputError("--procedure eval needs --submission PRED.json")
     with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
