@@ -32,16 +32,17 @@ PACK_FORMAT = "mmrl-packed-features-v1"
 def crop_indices(n_rows: int, start: float, end: float, duration: float) -> tuple[int, int]:
     """Rows [i0, i1) of a video's S = `n_rows` features that cover [start, end] (spec §2.4).
 
-    The original rule: i0 = int(S·start/duration), i1 = int(S·end/duration); when i0 == i1 take one row
-    (the last row if i0 == S). Deliberate change for annotation anomalies: indices are clamped to the video,
-    and start ≥ end or start beyond the video still gives one row, never an empty crop or a zero row.
+    The original rule: i0 = int(S·(start/duration)), i1 = int(S·(end/duration)), the quotient first as in its
+    `crop_a_segment` (S·end/duration rounds to S−1 for many segments ending at the video's end); when i0 == i1
+    take one row (the last row if i0 == S). Deliberate change for annotation anomalies: indices are clamped to
+    the video, and start ≥ end or start beyond the video still gives one row, never an empty crop or a zero row.
     """
     if n_rows <= 0:
         raise ValueError(f"cannot crop a feature with {n_rows} rows")
     if not duration > 0:
         raise ValueError(f"cannot crop with a non-positive duration {duration}")
-    i0 = min(max(int(n_rows * start / duration), 0), n_rows - 1)
-    i1 = min(max(int(n_rows * end / duration), 0), n_rows)
+    i0 = min(max(int(n_rows * (start / duration)), 0), n_rows - 1)
+    i1 = min(max(int(n_rows * (end / duration)), 0), n_rows)
     if i1 <= i0:
         i1 = i0 + 1
     return i0, i1
