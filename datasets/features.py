@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from utilities.errors import InputError
+from utilities.files import atomic_path
 from utilities.log import progress
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,23 @@ def npy_rows(path: Path) -> int:
         raise InputError(f"{path}: unreadable .npy file (truncated or corrupt?): {e}") from None
 
 
-class NpyVideoStore:
-    """The original I3D layout: `<vid>_rgb.npy` and `<vid>_flow.npy` of equal shape; V = rgb + flow."""
+class NpyStore:
+    """A directory of `.npy` files, one video's rows per read (`rows` in the subclass); a crop slices them."""
 
     def __init__(self, path: Path, dim: int):
         self.path, self.dim = Path(path), dim
+
+    def rows(self, video_id: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
+        rows = self.rows(video_id)
+        i0, i1 = crop_indices(len(rows), start, end, duration)
+        return rows[i0:i1]
+
+
+class NpyVideoStore(NpyStore):
+    """The original I3D layout: `<vid>_rgb.npy` and `<vid>_flow.npy` of equal shape; V = rgb + flow."""
 
     def video_ids(self) -> set[str]:
         names = set(os.listdir(self.path))
@@ -125,20 +138,12 @@ class NpyVideoStore:
             raise InputError(f"{self.path}: {video_id} rgb {rgb.shape} and flow {flow.shape} shapes differ")
         return rgb + flow
 
-    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
-        rows = self.rows(video_id)
-        i0, i1 = crop_indices(len(rows), start, end, duration)
-        return rows[i0:i1]
-
     def n_rows(self, video_id: str) -> int:
         return npy_rows(self.path / f"{video_id}_rgb.npy")
 
 
-class NpyAudioStore:
+class NpyAudioStore(NpyStore):
     """The original VGGish layout: `<vid>.npy`."""
-
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim = Path(path), dim
 
     def video_ids(self) -> set[str]:
         return {n[:-4] for n in os.listdir(self.path) if n.endswith(".npy")}
@@ -148,11 +153,6 @@ class NpyAudioStore:
 
     def n_rows(self, video_id: str) -> int:
         return npy_rows(self.path / f"{video_id}.npy")
-
-    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
-        rows = self.rows(video_id)
-        i0, i1 = crop_indices(len(rows), start, end, duration)
-        return rows[i0:i1]
 
 
 class H5Store:
@@ -229,14 +229,13 @@ def pack_directory(features_dir: str | Path, modality: str, out: str | Path, dim
     Written to a temporary file and renamed, so an interrupted run never leaves a half-written `out`.
     """
     source = open_feature_store(features_dir, modality, dim)
-    if not isinstance(source, NpyVideoStore | NpyAudioStore):
+    if not isinstance(source, NpyStore):
         raise InputError(f"{features_dir}: --features_dir must be a directory of .npy files")
     ids = sorted(source.video_ids())
     if not ids:
         raise InputError(f"{features_dir}: no {modality} .npy features found")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         lengths = [source.n_rows(video_id) for video_id in ids]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         with h5py.File(tmp, "w") as f:
@@ -262,8 +261,5 @@ def pack_directory(features_dir: str | Path, modality: str, out: str | Path, dim
                     )
         finally:
             packed.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("packed %d %s videos (%d rows) into %s", len(ids), modality, sum(lengths), out)
     return len(ids)

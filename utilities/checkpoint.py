@@ -7,7 +7,6 @@ and scheduler state, epoch/step, the best metric, every RNG state, the config an
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 
 from utilities.config import Config
 from utilities.errors import InputError
+from utilities.files import atomic_path
 from utilities.seeding import rng_states, set_rng_states
 
 FORMAT_VERSION = 1
@@ -25,21 +25,11 @@ TRAINING_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "best_
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
-
-    An interrupted write leaves the previous file at `path` untouched (the rename is atomic).
-    """
+    """Write `state` through `atomic_path`: an interrupted write leaves the previous file at `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
 
 
