@@ -39,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val_1_meta_path", default="./data/val_1.csv")
     data.add_argument("--val_2_meta_path", default="./data/val_2.csv")
     data.add_argument("--modality", default="audio_video", choices=["audio", "video", "audio_video"])
-    data.add_argument("--video_feature_name", default="i3d", choices=["i3d"])
-    data.add_argument("--audio_feature_name", default="vggish", choices=["vggish"])
     data.add_argument(
         "--video_features_path",
         default="./data/i3d_25fps_stack64step64_2stream_npy/",

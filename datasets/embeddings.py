@@ -122,9 +122,3 @@ class WordEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids) * self.scale
 
-
-def word_embedding_from_config(cfg, itos: Sequence[str]) -> WordEmbedding:
-    """`--word_emb_caps`, `--d_model_caps`, `--unfreeze_word_emb`."""
-    return WordEmbedding(
-        embedding_matrix(cfg.word_emb_caps, itos, cfg.d_model_caps, cfg.seed), cfg.unfreeze_word_emb
-    )
