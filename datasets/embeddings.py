@@ -121,4 +121,3 @@ class WordEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids) * self.scale
-
