@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,14 @@ def restore_training_state(
     scheduler: Any = None,
     data_generator: torch.Generator | None = None,
     source: str = "checkpoint",
+    allow_missing: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Put a `training_state` back into the live objects and the global RNGs; returns the counters."""
+    """Put a `training_state` back into the live objects and the global RNGs; returns the counters.
+
+    A scheduler or data-generator state on one side only (saved but nothing to restore it into, or expected
+    but not saved) would make the resume silently inexact: an error, unless the caller names it in
+    `allow_missing` (e.g. `{"scheduler"}` when a run deliberately adds a scheduler on resume).
+    """
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise InputError(f"{source} is not a training checkpoint: missing {', '.join(missing)}")
@@ -129,6 +136,14 @@ def restore_training_state(
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
         raise InputError(f"{source}: optimiser state does not fit ({e})") from None
+    for name, live in (("scheduler", scheduler), ("data_generator", data_generator)):
+        saved = state.get(name) is not None
+        if saved != (live is not None) and name not in allow_missing:
+            raise InputError(
+                f"{source}: holds {name} state but this run has no {name} to restore it into"
+                if saved
+                else f"{source}: holds no {name} state but this run has a {name}: it cannot resume exactly"
+            )
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if data_generator is not None and state.get("data_generator") is not None:
