@@ -3,6 +3,8 @@ metrics, print the table (×100) and a provenance line, and write the metrics JS
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report, load_submission
 from evaluation.meteor import JavaError
 from utilities.config import Config
@@ -13,6 +15,12 @@ from utilities.run_dir import RunDir
 def evaluate(cfg: Config, run: RunDir) -> None:
     if not cfg.submission:
         raise InputError("--procedure eval needs --submission PRED.json")
+    for what, path in [
+        ("--submission", cfg.submission),
+        *(("--reference_paths", p) for p in cfg.reference_paths),
+    ]:
+        if not Path(path).is_file():  # checked before METEOR's JVM is started
+            raise InputError(f"{what} {path}: file not found")
     try:
         with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
             cfg.reference_paths,
