@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_help_lists_the_procedures():
         assert name in result.stdout
     for group in ("data:", "model:", "training:", "evaluation:", "logging:"):
         assert group in result.stdout
+
+
+def test_help_shows_the_default_of_every_flag():
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+    assert not [a.dest for a in flags if not a.help], "argparse prints no default for a flag without help"
+    assert parser.format_help().count("(default:") == len(flags)
+    assert "--soda, --no-soda, --no_soda" in parser.format_help()  # BoolFlag shows both forms and its default
 
 
 @pytest.mark.parametrize(
