@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, help="checkpoint to resume training from (exact resume)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_meta_path", default="./data/train.csv")
-    data.add_argument("--val_1_meta_path", default="./data/val_1.csv")
-    data.add_argument("--val_2_meta_path", default="./data/val_2.csv")
-    data.add_argument("--modality", default="audio_video", choices=["audio", "video", "audio_video"])
-    data.add_argument("--video_feature_name", default="i3d", choices=["i3d"])
-    data.add_argument("--audio_feature_name", default="vggish", choices=["vggish"])
+    data.add_argument("--train_meta_path", default="./data/train.csv", help="train segments (caption CSV)")
+    data.add_argument("--val_1_meta_path", default="./data/val_1.csv", help="val_1 segments (caption CSV)")
+    data.add_argument("--val_2_meta_path", default="./data/val_2.csv", help="val_2 segments (caption CSV)")
+    data.add_argument(
+        "--modality",
+        default="audio_video",
+        choices=["audio", "video", "audio_video"],
+        help="which features a run reads",
+    )
     data.add_argument(
         "--video_features_path",
         default="./data/i3d_25fps_stack64step64_2stream_npy/",
@@ -72,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min_freq_caps", type=int, default=1, help="minimum train frequency of a vocabulary word"
     )
     data.add_argument("--unk_token", default="<unk>", help="unknown-word token (the original's: ' UNK ')")
-    data.add_argument("--start_token", default="<s>")
-    data.add_argument("--end_token", default="</s>")
-    data.add_argument("--pad_token", default="<blank>")
+    data.add_argument("--start_token", default="<s>", help="start-of-caption token")
+    data.add_argument("--end_token", default="</s>", help="end-of-caption token")
+    data.add_argument("--pad_token", default="<blank>", help="padding token")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     data.add_argument(
         "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
@@ -117,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["./data/val_1_no_missings.json", "./data/val_2_no_missings.json"],
         help="reference JSONs",
     )
-    evaluation.add_argument("--tIoUs", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    evaluation.add_argument(
+        "--tIoUs",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.5, 0.7, 0.9],
+        help="tIoU thresholds a prediction must reach to be matched",
+    )
     evaluation.add_argument("--max_prop_per_vid", type=int, default=100, help="predictions kept per video")
     evaluation.add_argument("--soda", action=BoolFlag, default=False, help="also compute SODA_c")
     evaluation.add_argument("--metrics_out", default=None, help="also write the metrics JSON here")

@@ -23,6 +23,7 @@ from datasets.features import pack_directory
 from datasets.loader import CaptionLoader
 from datasets.vocabulary import build_vocabulary
 from utilities.config import Config
+from utilities.files import atomic_path
 
 WORDS = ["a", "man", "woman", "dog", "plays", "runs", "ball", "guitar", "in", "the", "park"]
 
@@ -52,11 +53,10 @@ def make_synthetic(root: Path, n_videos: int, seed: int = 0) -> Path:
             rows.append([vid, caption, start, end, duration, "train", len(rows)])
         if i % 1000 == 999:
             print(f"  wrote {i + 1} videos", flush=True)
-    with (root / ".train.csv.tmp").open("w", newline="") as handle:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-    (root / ".train.csv.tmp").rename(csv_path)
     return csv_path
 
 

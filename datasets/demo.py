@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from datasets.activitynet import CSV_COLUMNS
 from utilities.errors import InputError
+from utilities.files import atomic_path
 
 VERSION = 1
 VIDEO_STRIDE_S = 64 / 25
@@ -111,16 +110,9 @@ def _build_once(root: Path, params: dict, generate: Callable[[Path], None]) -> N
     if root.exists() and any(root.iterdir()) and _read_marker(root) is None:
         raise InputError(f"{root}: exists and is not a demo dataset folder; choose another --demo_dir")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    generate(tmp)
-    (tmp / "demo_info.json").write_text(json.dumps(params) + "\n")
-    if root.exists():  # an older demo (other parameters): replace it
-        old = root.with_name(f".{root.name}.old{os.getpid()}")
-        os.replace(root, old)
-        shutil.rmtree(old)
-    os.replace(tmp, root)
+    with atomic_path(root) as tmp:  # replaces an older demo (other parameters)
+        generate(tmp)
+        (tmp / "demo_info.json").write_text(json.dumps(params) + "\n")
 
 
 def _read_marker(root: Path) -> dict | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from utilities.errors import InputError
+from utilities.files import atomic_path
 from utilities.log import progress
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,9 @@ def _text_lines(path: Path) -> Iterator[str]:
 def convert_glove(path: Path, words_path: Path, vectors_path: Path) -> None:
     """Stream the text into the cache: words one per line, vectors as raw float32 rows (constant memory).
     The vector is the last d fields of a line (a few 840B words contain spaces); d comes from the first line."""
-    tmp_words, tmp_vectors = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (words_path, vectors_path))
     dim = None
-    try:
+    # the vectors are renamed into place before the words: a cache with its words file is complete
+    with atomic_path(words_path) as tmp_words, atomic_path(vectors_path) as tmp_vectors:
         with tmp_words.open("w", encoding="utf-8") as words, tmp_vectors.open("wb") as vectors:
             lines = progress(_text_lines(path), desc=f"converting {path.name}", unit="word")
             for line_number, line in enumerate(lines, 1):
@@ -65,11 +65,6 @@ def convert_glove(path: Path, words_path: Path, vectors_path: Path) -> None:
                 words.write(" ".join(fields[:-dim]) + "\n")
         if dim is None:
             raise InputError(f"{path}: no vectors")
-        os.replace(tmp_vectors, vectors_path)
-        os.replace(tmp_words, words_path)
-    finally:
-        tmp_words.unlink(missing_ok=True)
-        tmp_vectors.unlink(missing_ok=True)
 
 
 def load_glove(path: str | Path) -> tuple[list[str], np.ndarray]:
@@ -126,10 +121,3 @@ class WordEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids) * self.scale
-
-
-def word_embedding_from_config(cfg, itos: Sequence[str]) -> WordEmbedding:
-    """`--word_emb_caps`, `--d_model_caps`, `--unfreeze_word_emb`."""
-    return WordEmbedding(
-        embedding_matrix(cfg.word_emb_caps, itos, cfg.d_model_caps, cfg.seed), cfg.unfreeze_word_emb
-    )

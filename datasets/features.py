@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from utilities.errors import InputError
+from utilities.files import atomic_path
 from utilities.log import progress
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,17 @@ PACK_FORMAT = "mmrl-packed-features-v1"
 def crop_indices(n_rows: int, start: float, end: float, duration: float) -> tuple[int, int]:
     """Rows [i0, i1) of a video's S = `n_rows` features that cover [start, end] (spec §2.4).
 
-    The original rule: i0 = int(S·start/duration), i1 = int(S·end/duration); when i0 == i1 take one row
-    (the last row if i0 == S). Deliberate change for annotation anomalies: indices are clamped to the video,
-    and start ≥ end or start beyond the video still gives one row, never an empty crop or a zero row.
+    The original rule: i0 = int(S·(start/duration)), i1 = int(S·(end/duration)), the quotient first as in its
+    `crop_a_segment` (S·end/duration rounds to S−1 for many segments ending at the video's end); when i0 == i1
+    take one row (the last row if i0 == S). Deliberate change for annotation anomalies: indices are clamped to
+    the video, and start ≥ end or start beyond the video still gives one row, never an empty crop or a zero row.
     """
     if n_rows <= 0:
         raise ValueError(f"cannot crop a feature with {n_rows} rows")
     if not duration > 0:
         raise ValueError(f"cannot crop with a non-positive duration {duration}")
-    i0 = min(max(int(n_rows * start / duration), 0), n_rows - 1)
-    i1 = min(max(int(n_rows * end / duration), 0), n_rows)
+    i0 = min(max(int(n_rows * (start / duration)), 0), n_rows - 1)
+    i1 = min(max(int(n_rows * (end / duration)), 0), n_rows)
     if i1 <= i0:
         i1 = i0 + 1
     return i0, i1
@@ -105,11 +107,23 @@ def npy_rows(path: Path) -> int:
         raise InputError(f"{path}: unreadable .npy file (truncated or corrupt?): {e}") from None
 
 
-class NpyVideoStore:
-    """The original I3D layout: `<vid>_rgb.npy` and `<vid>_flow.npy` of equal shape; V = rgb + flow."""
+class NpyStore:
+    """A directory of `.npy` files, one video's rows per read (`rows` in the subclass); a crop slices them."""
 
     def __init__(self, path: Path, dim: int):
         self.path, self.dim = Path(path), dim
+
+    def rows(self, video_id: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
+        rows = self.rows(video_id)
+        i0, i1 = crop_indices(len(rows), start, end, duration)
+        return rows[i0:i1]
+
+
+class NpyVideoStore(NpyStore):
+    """The original I3D layout: `<vid>_rgb.npy` and `<vid>_flow.npy` of equal shape; V = rgb + flow."""
 
     def video_ids(self) -> set[str]:
         names = set(os.listdir(self.path))
@@ -124,20 +138,12 @@ class NpyVideoStore:
             raise InputError(f"{self.path}: {video_id} rgb {rgb.shape} and flow {flow.shape} shapes differ")
         return rgb + flow
 
-    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
-        rows = self.rows(video_id)
-        i0, i1 = crop_indices(len(rows), start, end, duration)
-        return rows[i0:i1]
-
     def n_rows(self, video_id: str) -> int:
         return npy_rows(self.path / f"{video_id}_rgb.npy")
 
 
-class NpyAudioStore:
+class NpyAudioStore(NpyStore):
     """The original VGGish layout: `<vid>.npy`."""
-
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim = Path(path), dim
 
     def video_ids(self) -> set[str]:
         return {n[:-4] for n in os.listdir(self.path) if n.endswith(".npy")}
@@ -147,11 +153,6 @@ class NpyAudioStore:
 
     def n_rows(self, video_id: str) -> int:
         return npy_rows(self.path / f"{video_id}.npy")
-
-    def crop(self, video_id: str, start: float, end: float, duration: float) -> np.ndarray:
-        rows = self.rows(video_id)
-        i0, i1 = crop_indices(len(rows), start, end, duration)
-        return rows[i0:i1]
 
 
 class H5Store:
@@ -228,14 +229,13 @@ def pack_directory(features_dir: str | Path, modality: str, out: str | Path, dim
     Written to a temporary file and renamed, so an interrupted run never leaves a half-written `out`.
     """
     source = open_feature_store(features_dir, modality, dim)
-    if not isinstance(source, NpyVideoStore | NpyAudioStore):
+    if not isinstance(source, NpyStore):
         raise InputError(f"{features_dir}: --features_dir must be a directory of .npy files")
     ids = sorted(source.video_ids())
     if not ids:
         raise InputError(f"{features_dir}: no {modality} .npy features found")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         lengths = [source.n_rows(video_id) for video_id in ids]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         with h5py.File(tmp, "w") as f:
@@ -261,8 +261,5 @@ def pack_directory(features_dir: str | Path, modality: str, out: str | Path, dim
                     )
         finally:
             packed.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("packed %d %s videos (%d rows) into %s", len(ids), modality, sum(lengths), out)
     return len(ids)

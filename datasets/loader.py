@@ -73,20 +73,33 @@ class SlottedBatchSampler(Sampler[SlotBatch]):
             yield SlotBatch(indices, k % self.n_slots)
 
 
+def ring_bytes(n_slots: int, batch_size: int, rows: dict[str, int], dims: dict[str, int]) -> int:
+    """The shared memory a `SharedBatchRing` of this shape holds."""
+    return 4 * n_slots * batch_size * sum(rows[m] * dims[m] for m in rows)
+
+
+def check_shared_memory(needs: dict[str, int]) -> None:
+    """Fail before allocating when the rings a process will hold together (`needs`: bytes per loader) exceed
+    the free space of /dev/shm: past it, a worker's write into the ring kills the process with SIGBUS."""
+    need = sum(needs.values())
+    if not need or not os.path.isdir(SHARED_MEMORY):
+        return
+    stat = os.statvfs(SHARED_MEMORY)
+    free = stat.f_bavail * stat.f_frsize
+    if need > free:
+        parts = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in needs.items())
+        raise InputError(
+            f"DataLoader workers need {need / 2**20:.0f} MiB of shared memory for their batch rings ({parts}), "
+            f"but {SHARED_MEMORY} has {free / 2**20:.0f} MiB free: lower --B or --num_workers, use "
+            "--num_workers 0, or give the container more (docker run --shm-size)"
+        )
+
+
 class SharedBatchRing:
     """Per modality a (n_slots, batch_size, max rows, dim) float32 buffer in shared memory."""
 
     def __init__(self, n_slots: int, batch_size: int, rows: dict[str, int], dims: dict[str, int]):
-        need = 4 * n_slots * batch_size * sum(rows[m] * dims[m] for m in rows)
-        if os.path.isdir(SHARED_MEMORY):
-            stat = os.statvfs(SHARED_MEMORY)
-            free = stat.f_bavail * stat.f_frsize
-            if need > free:
-                raise InputError(
-                    f"DataLoader workers need {need / 2**20:.0f} MiB of shared memory for {n_slots} batches "
-                    f"in flight, but {SHARED_MEMORY} has {free / 2**20:.0f} MiB free: lower --B or "
-                    "--num_workers, use --num_workers 0, or give the container more (docker run --shm-size)"
-                )
+        check_shared_memory({"this loader": ring_bytes(n_slots, batch_size, rows, dims)})
         self.buffers = {m: torch.zeros(n_slots, batch_size, rows[m], dims[m]).share_memory_() for m in rows}
 
     def write(self, slot: int, features: dict[str, list[np.ndarray]]) -> None:
@@ -136,7 +149,9 @@ class CaptionLoader:
         seed: int = 0,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        max_rows: dict[str, int] | None = None,
     ):
+        """`max_rows`: the dataset's `max_crop_rows()` where the caller has computed it already."""
         self.dataset = dataset
         self.sampler = SeededShuffleSampler(len(dataset), seed) if shuffle else SequentialSampler(dataset)
         batches = BatchSampler(self.sampler, batch_size, drop_last=False)
@@ -147,9 +162,9 @@ class CaptionLoader:
                 dataset, batch_sampler=batches, collate_fn=dataset.collate, pin_memory=self.pin
             )
             return
-        n_slots = prefetch_factor * num_workers + 1
+        n_slots = ring_slots(num_workers, prefetch_factor)
         dims = {m: store.dim for m, store in dataset.stores.items()}
-        self.ring = SharedBatchRing(n_slots, batch_size, dataset.max_crop_rows(), dims)
+        self.ring = SharedBatchRing(n_slots, batch_size, max_rows or dataset.max_crop_rows(), dims)
         self.loader = DataLoader(
             _RingReader(dataset, self.ring),
             batch_sampler=SlottedBatchSampler(batches, n_slots),
@@ -173,9 +188,43 @@ class CaptionLoader:
             yield batch.pin_memory() if self.pin else batch
 
 
-def train_loader(cfg, dataset: CaptionDataset) -> CaptionLoader:
-    return CaptionLoader(dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+def ring_slots(num_workers: int, prefetch_factor: int = 2) -> int:
+    """One ring slot per batch that can be in flight, plus one (see the module docstring)."""
+    return prefetch_factor * num_workers + 1
 
 
-def val_loader(cfg, dataset: CaptionDataset) -> CaptionLoader:
-    return CaptionLoader(dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers)
+def train_loader(cfg, dataset: CaptionDataset, max_rows: dict[str, int] | None = None) -> CaptionLoader:
+    """`--B` segments per batch in a seeded order per epoch."""
+    return CaptionLoader(
+        dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, max_rows=max_rows
+    )
+
+
+def val_loader(cfg, dataset: CaptionDataset, max_rows: dict[str, int] | None = None) -> CaptionLoader:
+    """`--inf_B_coeff` × `--B` segments per batch in file order."""
+    return CaptionLoader(
+        dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers, max_rows=max_rows
+    )
+
+
+def caption_loaders(
+    cfg, train: CaptionDataset | None, val: dict[str, CaptionDataset]
+) -> tuple[CaptionLoader | None, dict[str, CaptionLoader]]:
+    """The training loader and one validation loader per split, for a run that holds them all at once:
+    their shared-memory rings are checked together, before any is allocated."""
+    planned = {"train": (train, cfg.B)} if train is not None else {}
+    planned.update(
+        {f"validation {name}": (dataset, cfg.inf_B_coeff * cfg.B) for name, dataset in val.items()}
+    )
+    max_rows = {}
+    if cfg.num_workers:
+        needs = {}
+        for label, (dataset, batch_size) in planned.items():
+            max_rows[label] = dataset.max_crop_rows()
+            dims = {m: store.dim for m, store in dataset.stores.items()}
+            needs[label] = ring_bytes(ring_slots(cfg.num_workers), batch_size, max_rows[label], dims)
+        check_shared_memory(needs)
+    train_batches = None if train is None else train_loader(cfg, train, max_rows.get("train"))
+    return train_batches, {
+        name: val_loader(cfg, dataset, max_rows.get(f"validation {name}")) for name, dataset in val.items()
+    }

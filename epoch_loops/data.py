@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from datasets.activitynet import missing_videos, read_captions_csv
-from datasets.features import open_feature_store, pack_directory
+from datasets.features import H5_SUFFIXES, open_feature_store, pack_directory
 from datasets.vocabulary import vocabulary_from_config
 from utilities.config import Config
 from utilities.errors import InputError
@@ -69,6 +69,11 @@ def pack_features(cfg: Config, run: RunDir) -> None:
         raise InputError(
             f"pack_features packs one modality: give --modality video or audio (got {cfg.modality})"
         )
+    out = Path(cfg.out)
+    if out.suffix.lower() not in H5_SUFFIXES:
+        raise InputError(f"--out {out}: name the packed file with one of {', '.join(H5_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
     dim = cfg.d_vid if cfg.modality == "video" else cfg.d_aud
     n_videos = pack_directory(cfg.features_dir, cfg.modality, cfg.out, dim)
     run.write_json(

@@ -40,7 +40,6 @@ def demo(cfg: Config, run: RunDir) -> None:
     paths = ensure_demo_dataset(cfg.demo_dir)
     for key, value in paths.config_overrides().items():
         setattr(cfg, key, value)
-    cfg.save(run.path / "config.json")
 
     train_captions = _read_train_captions(cfg)
     vocab = vocabulary_from_config(cfg, train_captions)

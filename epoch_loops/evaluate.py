@@ -8,6 +8,8 @@ line per metric. Neither task imports torch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report
 from evaluation.formats import load_submission
 from evaluation.ranking import read_predictions, score_predictions
@@ -40,6 +42,12 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
 def evaluate_captioning(cfg: Config, run: RunDir) -> None:
     if not cfg.submission:
         raise InputError("--procedure eval needs --submission PRED.json")
+    for what, path in [
+        ("--submission", cfg.submission),
+        *(("--reference_paths", p) for p in cfg.reference_paths),
+    ]:
+        if not Path(path).is_file():  # checked before METEOR's JVM is started
+            raise InputError(f"{what} {path}: file not found")
     with DenseCaptioningEvaluator(  # starts METEOR's JVM first: it loads while the files are read
         cfg.reference_paths,
         tious=cfg.tIoUs,

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from utilities.config import Config
+from utilities.errors import InputError
 from utilities.log import setup_logging
 from utilities.run_dir import RunDir
 from utilities.seeding import seed_everything
@@ -35,26 +36,32 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> str:
-    """'auto' → cuda if available, else cpu; an explicit cuda device without CUDA is an error."""
+    """'auto' → cuda if available, else cpu; a device torch does not know, or cuda without CUDA, is an error."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"main.py: error: --device {name} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device ('auto', 'cpu', 'cuda', 'cuda:0', ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"--device {name} requested but CUDA is not available (give --device cpu or --device auto)"
+        )
     return name
 
 
 def run_procedure(cfg: Config) -> int:
-    """Seed, open the run directory (config.json, TensorBoard), then run the procedure."""
+    """Decide the run directory (config.json records the settings as given, e.g. `--device auto`), resolve the
+    device, seed, then run the procedure; the directory appears with the run's first write."""
     setup_logging(progress=cfg.progress)
     spec = PROCEDURES[cfg.procedure]
-    if spec.uses_torch:
-        cfg.device = resolve_device(cfg.device)
-    seed_everything(cfg.seed, with_torch=spec.uses_torch)
-    module_name, function_name = spec.target.split(":")
-    procedure = getattr(importlib.import_module(module_name), function_name)
     with RunDir.open(cfg) as run:
-        log.info("run directory: %s", run.path)
+        if spec.uses_torch:
+            cfg.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed, with_torch=spec.uses_torch)
+        module_name, function_name = spec.target.split(":")
+        procedure = getattr(importlib.import_module(module_name), function_name)
         procedure(cfg, run)
     return 0

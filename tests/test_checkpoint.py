@@ -157,3 +157,60 @@ def test_restore_refuses_a_plain_state_dict(tmp_path):
     model, optimizer, _ = fresh(0)
     with pytest.raises(InputError, match="not a training checkpoint: missing"):
         restore_training_state({"model": model.state_dict()}, model, optimizer)
+
+
+def half_trained_state(with_scheduler: bool, with_generator: bool) -> dict:
+    model, optimizer, generator = fresh(3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2) if with_scheduler else None
+    return training_state(
+        model,
+        optimizer,
+        Config(seed=3),
+        epoch=0,
+        step=0,
+        best_metric=None,
+        scheduler=scheduler,
+        data_generator=generator if with_generator else None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("saved", "live", "message"),
+    [
+        ("scheduler", "", "holds scheduler state but this run has no scheduler"),
+        ("", "scheduler", "holds no scheduler state but this run has a scheduler"),
+        ("data_generator", "", "holds data_generator state but this run has no data_generator"),
+        ("", "data_generator", "holds no data_generator state but this run has a data_generator"),
+    ],
+)
+def test_state_missing_on_either_side_is_an_error_unless_allowed(saved, live, message):
+    state = half_trained_state(with_scheduler=saved == "scheduler", with_generator=saved == "data_generator")
+    model, optimizer, generator = fresh(3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2) if live == "scheduler" else None
+    live_generator = generator if live == "data_generator" else None
+    with pytest.raises(InputError, match=message):
+        restore_training_state(state, model, optimizer, scheduler=scheduler, data_generator=live_generator)
+    counters = restore_training_state(
+        state,
+        model,
+        optimizer,
+        scheduler=scheduler,
+        data_generator=live_generator,
+        allow_missing={saved or live},
+    )
+    assert counters["step"] == 0
+
+
+def test_scheduler_state_is_restored():
+    model, optimizer, _ = fresh(3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = training_state(
+        model, optimizer, Config(seed=3), epoch=0, step=3, best_metric=None, scheduler=scheduler
+    )
+    model, optimizer, _ = fresh(3)
+    resumed = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    restore_training_state(state, model, optimizer, scheduler=resumed)
+    assert resumed.last_epoch == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from main import build_parser
 from tests.conftest import REPO
 from utilities.config import Config, config_from_argv
+from utilities.errors import InputError
 from utilities.run_dir import RunDir
 
 
@@ -25,7 +27,15 @@ def test_config_round_trip_and_explicit_flags_win(tmp_path):
 
     reloaded = parse("--config", str(tmp_path / "config.json"), "--seed", "7", "--no-soda")
     assert reloaded.seed == 7 and reloaded.soda is False
-    assert reloaded.tIoUs == [0.5] and reloaded.procedure == "eval" and reloaded.exp_name == "a"
+    assert reloaded.tIoUs == [0.5] and reloaded.procedure == "eval"
+
+
+def test_run_names_are_never_reloaded(tmp_path):
+    saved = {"procedure": "eval", "exp_name": "a", "resume": "a/checkpoints/last.pt", "config": "x.json"}
+    (tmp_path / "c.json").write_text(json.dumps(saved))
+    cfg = parse("--config", str(tmp_path / "c.json"))
+    assert cfg.exp_name is None and cfg.resume is None and cfg.config == str(tmp_path / "c.json")
+    assert parse("--config", str(tmp_path / "c.json"), "--exp_name", "b").exp_name == "b"
 
 
 def test_saved_config_fills_flags_not_given(tmp_path):
@@ -54,6 +64,14 @@ def test_help_lists_the_procedures():
         assert name in result.stdout
     for group in ("data:", "model:", "training:", "evaluation:", "logging:"):
         assert group in result.stdout
+
+
+def test_help_shows_the_default_of_every_flag():
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS]
+    assert not [a.dest for a in flags if not a.help], "argparse prints no default for a flag without help"
+    assert parser.format_help().count("(default:") == len(flags)
+    assert "--soda, --no-soda, --no_soda" in parser.format_help()  # BoolFlag shows both forms and its default
 
 
 @pytest.mark.parametrize(
@@ -85,8 +103,70 @@ def test_run_dir_saves_config_and_never_overwrites(tmp_path):
         assert run.path == tmp_path / "eval" / "first"
         run.write_json("metrics.json", {"METEOR": 0.1})
     assert Config.load(tmp_path / "eval" / "first" / "config.json") == cfg
-    with pytest.raises(SystemExit, match="already exists"), RunDir.open(cfg):
+    with pytest.raises(InputError, match="already exists"), RunDir.open(cfg):
         pass
+
+
+def test_run_dir_appears_with_the_first_write(tmp_path):
+    cfg = parse("--procedure", "eval", "--log_dir", str(tmp_path), "--exp_name", "lazy")
+    with RunDir.open(cfg) as run:
+        assert run.path == tmp_path / "eval" / "lazy" and not run.path.exists()
+    assert not (tmp_path / "eval").exists()
+    with RunDir.open(cfg) as run:
+        cfg.device = "cpu"  # what run_procedure resolves after opening: config.json keeps what was given
+        (run.checkpoints / "last.pt").write_bytes(b"x")
+    assert Config.load(tmp_path / "eval" / "lazy" / "config.json").device == "auto"
+
+
+def test_a_run_that_fails_on_its_input_leaves_no_directory(tmp_path):
+    result = run_main("--procedure", "eval", "--log_dir", str(tmp_path))
+    assert result.returncode == 2 and "needs --submission" in result.stderr
+    missing = run_main("--procedure", "eval", "--log_dir", str(tmp_path), "--submission", str(tmp_path / "p"))
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_tiny_csvs(folder) -> list[str]:
+    header = "video_id\tcaption\tstart\tend\tduration\tphase\tidx\n"
+    flags = []
+    for split in ("train", "val_1", "val_2"):
+        path = folder / f"{split}.csv"
+        path.write_text(header + f"v_a\ta man runs\t0.0\t5.0\t10.0\t{split}\t0\n")
+        flags += [f"--{split}_meta_path", str(path)]
+    return flags
+
+
+def test_saved_config_reloads_through_main(tmp_path):
+    """The documented reload, end to end: a second run from the first run's config.json gets its own
+    directory and the same settings; the device is saved as given ('auto'), so the file works on any box."""
+    log_dir = tmp_path / "log"
+    argv = ["--procedure", "data_summary", "--log_dir", str(log_dir), "--min_freq_caps", "2"]
+    first = run_main(*argv, *write_tiny_csvs(tmp_path), "--exp_name", "first", "--modality", "audio")
+    assert first.returncode == 0, first.stderr
+    saved = json.loads((log_dir / "data_summary" / "first" / "config.json").read_text())
+    assert saved["device"] == "auto" and saved["min_freq_caps"] == 2
+
+    second = run_main("--config", str(log_dir / "data_summary" / "first" / "config.json"))
+    assert second.returncode == 0, second.stderr
+    runs = sorted(p.name for p in (log_dir / "data_summary").iterdir())
+    assert len(runs) == 2 and "first" in runs
+    resaved = json.loads((log_dir / "data_summary" / runs[0] / "config.json").read_text())
+    assert {k: v for k, v in resaved.items() if k not in ("exp_name", "config")} == {
+        k: v for k, v in saved.items() if k not in ("exp_name", "config")
+    }
+    summaries = [json.loads((log_dir / "data_summary" / r / "data_summary.json").read_text()) for r in runs]
+    assert summaries[0] == summaries[1]
+
+
+def test_unavailable_device_is_a_one_line_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    (tmp_path / "c.json").write_text(json.dumps({"procedure": "data_summary", "device": "cuda:0"}))
+    result = run_main("--config", str(tmp_path / "c.json"), "--log_dir", str(tmp_path / "log"))
+    assert result.returncode == 2 and "--device cuda:0 requested but CUDA is not available" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "log").exists()
 
 
 def test_resume_reopens_its_own_run_dir(tmp_path):

@@ -60,3 +60,10 @@ def test_pack_features_procedure(tmp_path, capsys):
         np.testing.assert_array_equal(store.rows(vid), array)
     assert main([*base, "--out", str(out), "--exp_name", "b"]) == 2  # --modality audio_video
     assert "packs one modality" in capsys.readouterr().err
+    audio = [*base, "--modality", "audio"]
+    assert main([*audio, "--out", str(tmp_path / "audio.npy"), "--exp_name", "c"]) == 2
+    assert "name the packed file with one of .h5" in capsys.readouterr().err
+    assert main([*audio, "--out", str(tmp_path / "no" / "audio.h5"), "--exp_name", "d"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "log" / "pack_features").iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audio.h5", "log", "vggish"]

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from datasets.activitynet import read_captions_csv
 from datasets.features import H5Store, crop_indices, open_feature_store, pack_directory
 from utilities.errors import InputError
 
@@ -30,6 +31,37 @@ SAMPLE_DURATION = 35.155
 )
 def test_crop_indices_follow_the_spec_rule(n_rows, start, end, expected):
     assert crop_indices(n_rows, start, end, SAMPLE_DURATION) == expected
+
+
+def test_segment_ending_at_the_video_end_keeps_the_last_row():
+    # in floating point 12 * 31.65 / 31.65 is 11.999999999999998 but 12 * (31.65 / 31.65) is 12.0
+    assert crop_indices(12, 20.0, 31.65, 31.65) == (7, 12)
+
+
+def original_crop(n_rows: int, start: float, end: float, duration: float) -> tuple[int, int] | None:
+    """The original's `crop_a_segment`, written out plainly: quotients first, then truncation; i0 == i1 takes
+    one row (the last if i0 == S); the slice clamps i1 to S. None where its slice would be empty."""
+    i0, i1 = int(n_rows * (start / duration)), int(n_rows * (end / duration))
+    if i0 == i1:
+        i0, i1 = (n_rows - 1, n_rows) if i0 == n_rows else (i0, i0 + 1)
+    i1 = min(i1, n_rows)
+    return (i0, i1) if i0 < i1 else None
+
+
+def test_crops_of_every_real_train_row_match_the_original(shared_data):
+    """Every row of the real train.csv, with the row counts of its I3D (25 fps, 64-frame stacks) and VGGish
+    (0.96 s windows) features: the original's indices for well-formed rows; for anomalous rows (start ≥ end,
+    end > duration) the same where the original's slice is not empty, and always 1..S rows inside the video."""
+    segments = read_captions_csv(shared_data / "activitynet" / "train.csv").segments
+    assert len(segments) > 30_000
+    for s in segments:
+        well_formed = 0 <= s.start < s.end <= s.duration
+        for n_rows in {max(1, int(s.duration * 25 / 64)), max(1, int(s.duration / 0.96))}:
+            i0, i1 = crop_indices(n_rows, s.start, s.end, s.duration)
+            assert 0 <= i0 < i1 <= n_rows, (s, n_rows)
+            expected = original_crop(n_rows, s.start, s.end, s.duration)
+            if well_formed or expected is not None:
+                assert (i0, i1) == expected, (s, n_rows)
 
 
 def sample_dirs(shared_data, tmp_path):

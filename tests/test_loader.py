@@ -11,10 +11,10 @@ import datasets.loader as loader_module
 from datasets.activitynet import build_caption_dataset, read_captions_csv
 from datasets.demo import ensure_demo_dataset
 from datasets.features import pack_directory
-from datasets.loader import CaptionLoader
+from datasets.loader import CaptionLoader, caption_loaders, ring_bytes, ring_slots, train_loader, val_loader
 from datasets.vocabulary import build_vocabulary
 from main import build_parser
-from utilities.config import config_from_argv
+from utilities.config import Config, config_from_argv
 from utilities.errors import InputError
 
 
@@ -78,3 +78,27 @@ def test_too_little_shared_memory_is_a_clear_error(dataset, monkeypatch):
     with pytest.raises(InputError, match=r"need \d+ MiB of shared memory .* /dev/shm has 0 MiB free"):
         CaptionLoader(dataset, 8, shuffle=True, num_workers=2)
     assert CaptionLoader(dataset, 8, shuffle=True).ring is None  # without workers no shared memory is needed
+
+
+def test_shared_memory_check_covers_every_ring_the_run_holds(dataset, monkeypatch):
+    """Room for one and a half rings: each loader alone fits, training + validation together do not."""
+    if not os.path.isdir(loader_module.SHARED_MEMORY):
+        pytest.skip("no /dev/shm on this system")
+    cfg = Config(B=8, inf_B_coeff=1, num_workers=2, seed=0)
+    one_ring = ring_bytes(ring_slots(2), 8, dataset.max_crop_rows(), {"video": 1024, "audio": 128})
+    real_statvfs = os.statvfs
+
+    class RingAndAHalf:
+        f_frsize = 4096
+        f_bavail = one_ring * 3 // 2 // 4096
+
+    monkeypatch.setattr(
+        loader_module.os, "statvfs", lambda p: RingAndAHalf() if p == "/dev/shm" else real_statvfs(p)
+    )
+    assert train_loader(cfg, dataset).ring is not None and val_loader(cfg, dataset).ring is not None
+    with pytest.raises(
+        InputError, match=r"for their batch rings \(train \d+ MiB, validation val_1 \d+ MiB\)"
+    ):
+        caption_loaders(cfg, dataset, {"val_1": dataset})
+    train, val = caption_loaders(cfg, None, {"val_1": dataset})
+    assert train is None and list(val) == ["val_1"]

@@ -7,9 +7,9 @@ and scheduler state, epoch/step, the best metric, every RNG state, the config an
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from utilities.config import Config
 from utilities.errors import InputError
+from utilities.files import atomic_path
 from utilities.seeding import rng_states, set_rng_states
 
 FORMAT_VERSION = 1
@@ -25,21 +26,11 @@ TRAINING_KEYS = ("format_version", "model", "optimizer", "epoch", "step", "best_
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write `state` to a temporary file beside `path`, flush it to disk, then rename it over `path`.
-
-    An interrupted write leaves the previous file at `path` untouched (the rename is atomic).
-    """
+    """Write `state` through `atomic_path`: an interrupted write leaves the previous file at `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
 
 
@@ -125,8 +116,14 @@ def restore_training_state(
     scheduler: Any = None,
     data_generator: torch.Generator | None = None,
     source: str = "checkpoint",
+    allow_missing: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Put a `training_state` back into the live objects and the global RNGs; returns the counters."""
+    """Put a `training_state` back into the live objects and the global RNGs; returns the counters.
+
+    A scheduler or data-generator state on one side only (saved but nothing to restore it into, or expected
+    but not saved) would make the resume silently inexact: an error, unless the caller names it in
+    `allow_missing` (e.g. `{"scheduler"}` when a run deliberately adds a scheduler on resume).
+    """
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise InputError(f"{source} is not a training checkpoint: missing {', '.join(missing)}")
@@ -139,6 +136,14 @@ def restore_training_state(
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
         raise InputError(f"{source}: optimiser state does not fit ({e})") from None
+    for name, live in (("scheduler", scheduler), ("data_generator", data_generator)):
+        saved = state.get(name) is not None
+        if saved != (live is not None) and name not in allow_missing:
+            raise InputError(
+                f"{source}: holds {name} state but this run has no {name} to restore it into"
+                if saved
+                else f"{source}: holds no {name} state but this run has a {name}: it cannot resume exactly"
+            )
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if data_generator is not None and state.get("data_generator") is not None:

@@ -1,20 +1,23 @@
 """The run configuration: parsed flags as one object, saved as `config.json` in every run directory.
 
-`--config run_dir/config.json` reloads a saved run; flags given explicitly on the command line win over it.
+`--config run_dir/config.json` reloads a saved run's settings as its user gave them (`--device auto` stays
+'auto'); flags given explicitly on the command line win over it. What names one run rather than describing it
+(`--exp_name`, `--resume`, `--config`) is never taken from the file: the reloaded run gets its own directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any, NoReturn
 
 from utilities.errors import InputError
-from utilities.files import read_json
+from utilities.files import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+NOT_RELOADED = ("exp_name", "resume", "config")
 
 
 class BoolFlag(argparse.Action):
@@ -51,7 +54,7 @@ class Config:
         return dict(self.__dict__)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(path, dict(sorted(self.to_dict().items())))
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
@@ -100,7 +103,7 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
             "%s: ignoring settings this version does not know: %s", explicit["config"], ", ".join(unknown)
         )
     settings = {a.dest: a.default for a in parser._actions if a.dest != "help"}
-    settings.update({k: v for k, v in saved.items() if k in known})
+    settings.update({k: v for k, v in saved.items() if k in known and k not in NOT_RELOADED})
     settings.update(explicit)
     settings.pop("help", None)
     if settings.get("procedure") is None:

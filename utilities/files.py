@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,37 @@ def read_json(path: str | Path) -> Any:
         raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_json_atomic(path: str | Path, content: Any) -> Path:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write a file or a folder to; when the block ends without an
+    error it is flushed to disk and renamed over `path` (an existing folder at `path` is replaced), otherwise it
+    is removed. Readers never see half a file, and an interrupted write leaves the previous `path` untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        if path.is_dir() and tmp.is_dir():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, content: Any) -> Path:
+    """Write `content` as indented JSON through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+    return Path(path)
