@@ -358,6 +358,7 @@ class DecodeState:
     segmenter: SegmenterState | None
     goal: torch.Tensor | None  # (B, goal_d), the goal held at the previous position
     explore: bool
+    token_mask: torch.Tensor | None = None  # (B, t) bool: the prefix's tokens that are not padding
     t: int = 0
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -369,6 +370,7 @@ class DecodeState:
             self.segmenter.reorder(index)
         if self.goal is not None:
             self.goal = self.goal.index_select(0, index)
+        self.token_mask = self.token_mask.index_select(0, index)
 
 
 @dataclass
@@ -553,25 +555,28 @@ class BMHRLAgent(nn.Module):
 
     def step(self, ids_t: torch.Tensor, state: DecodeState) -> StepOutput:
         """Feed the token at position `state.t` (B,); returns the next token's log-probs and advances `state`.
-        Equals `decode` on the whole prefix at its last position (up to float rounding)."""
+        Equals `decode` on the whole prefix at its last position (up to float rounding), padding in the prefix
+        (a generated pad token, finished rows) masked the same way."""
         ids = ids_t[:, None]
+        token_mask = ids != self.pad_idx
+        if state.token_mask is not None:
+            token_mask = torch.cat((state.token_mask, token_mask), 1)
+        state.token_mask, C_mask = token_mask, token_mask[:, None, :]
         embedded = self.emb_C(ids)
         C = self.pos_enc_C(embedded, start=state.t)
-        memory = state.memory
-        worker_feat = self.bm_worker_fus(C, state.memory_kv["worker"], memory, None, state.caches["worker"])
+        memory, caches = state.memory, state.caches
+        worker_feat = self.bm_worker_fus(C, state.memory_kv["worker"], memory, C_mask, caches["worker"])
         if not self.hierarchical:
             state.t += 1
             return StepOutput(F.log_softmax(self.projection(worker_feat[:, 0]), -1), None, None)
         start = self.critic.step(ids_t, embedded, state.segmenter)
         if state.t == 0:
             start = torch.ones_like(start)
-        manager_feat = self.bm_manager_fus(
-            C, state.memory_kv["manager"], memory, None, state.caches["manager"]
-        )
+        manager_feat = self.bm_manager_fus(C, state.memory_kv["manager"], memory, C_mask, caches["manager"])
         goal, goal_log_prob = self._explore(self.manager(manager_feat[:, 0]), state.explore)
         goal = goal if state.goal is None else torch.where(start[:, None], goal, state.goal)
         state.goal = goal
-        log_probs = self.worker(worker_feat, goal[:, None], None, state.caches["goal"][0])[:, 0]
+        log_probs = self.worker(worker_feat, goal[:, None], C_mask, caches["goal"][0])[:, 0]
         state.t += 1
         if goal_log_prob is not None:
             goal_log_prob = goal_log_prob * start
