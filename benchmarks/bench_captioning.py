@@ -1,0 +1,115 @@
+"""Speed of the BMHRL agent at the paper's sizes (|V| = 10172), one JSON object per line:
+
+- {"what": "greedy", "cache": true|false, "captions_per_s": ...}: B = 32 segments (20 video rows, 50 audio rows),
+  30 generated tokens each (the end token is suppressed so every caption has 30), cached vs the original's
+  full-prefix recomputation; then {"what": "greedy_outputs_identical", "value": true|false}.
+- {"what": "warm_start_step", "B": 16, "seconds": ...}: forward, label-smoothing loss, backward and Adam step with
+  17-token captions (median of a few steps after a warm-up).
+
+References (../shared/PERFORMANCE.md, the original on this kind of machine): greedy 1.21 captions/s; warm-start
+step 1.55 s. Goals: cache ≥ 3× the full prefix and ≥ 10× the original; step ≤ 0.7× the original.
+
+    python benchmarks/bench_captioning.py [--threads 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.bmhrl import BMHRLAgent, trainable_parameters
+from model.decoding import greedy_decode
+from model.losses import label_smoothing_loss
+
+VOCAB = 10172
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def features(B: int, device, generator: torch.Generator):
+    video = torch.randn(B, 20, 1024, generator=generator).to(device)
+    audio = torch.randn(B, 50, 128, generator=generator).to(device)
+    return video, None, audio, None
+
+
+def bench_greedy(agent: BMHRLAgent, device, generator: torch.Generator, repeats: int) -> None:
+    agent.eval()
+    with torch.no_grad():
+        agent.worker.projection.bias[agent.end_idx] = -1e4  # every caption runs to max_len
+    inputs = features(32, device, generator)
+    tokens = {}
+    for cache in (True, False):
+        times = []
+        for _ in range(repeats if cache else 1):
+            start = time.perf_counter()
+            tokens[cache] = greedy_decode(agent, *inputs, max_len=30, use_cache=cache)
+            times.append(time.perf_counter() - start)
+        emit(
+            what="greedy",
+            cache=cache,
+            B=32,
+            max_len=30,
+            captions_per_s=round(32 / min(times), 2),
+            device=str(device),
+        )
+    emit(what="greedy_outputs_identical", value=bool(torch.equal(tokens[True], tokens[False])))
+
+
+def bench_warm_start_step(agent: BMHRLAgent, device, generator: torch.Generator, steps: int) -> None:
+    agent.train()
+    agent.set_phase("warm_start")
+    optimiser = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=1e-4)
+    inputs = features(16, device, generator)
+    captions = torch.randint(4, VOCAB, (16, 17), generator=generator).to(device)
+    captions[:, 0], captions[:, -1] = agent.start_idx, agent.end_idx
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        log_probs = agent(*inputs, captions[:, :-1]).log_probs
+        loss = label_smoothing_loss(log_probs, captions[:, 1:], agent.pad_idx, 0.7)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    emit(
+        what="warm_start_step",
+        B=16,
+        caption_tokens=17,
+        seconds=round(statistics.median(times[1:]), 3),
+        device=str(device),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="cached greedy runs (the best is reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed warm-start steps after one warm-up")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    agent = BMHRLAgent(VOCAB, word_vectors=torch.randn(VOCAB, 300, generator=generator)).to(device)
+    emit(what="model", trainable_parameters=trainable_parameters(agent), vocabulary=VOCAB)
+    bench_warm_start_step(agent, device, generator, args.steps)
+    bench_greedy(agent, device, generator, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
