@@ -88,11 +88,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("model")
+    model.add_argument(
+        "--mode",
+        default="BMHRL",
+        choices=["BMHRL", "AHRL", "VHRL", "BM", "eval"],
+        help="the captioning agent: bimodal hierarchical, audio-only, video-only, bimodal without hierarchy; "
+        "'eval' validates --rl_pretrained_model_dir (a BMHRL agent) without training",
+    )
     model.add_argument("--d_model_caps", type=int, default=300, help="caption width (= word embedding size)")
+    model.add_argument("--d_model", type=int, default=1024, help="inner width of every multi-head attention")
+    model.add_argument("--rl_att_heads", type=int, default=4, help="attention heads (encoder, fusion stacks)")
+    model.add_argument("--rl_att_layers", type=int, default=2, help="layers of the encoder and fusion stacks")
+    model.add_argument("--rl_ff_v", type=int, default=1024, help="feed-forward width of the video stream")
+    model.add_argument("--rl_ff_a", type=int, default=512, help="feed-forward width of the audio stream")
+    model.add_argument("--rl_goal_d", type=int, default=64, help="goal width (manager output, worker query)")
+    model.add_argument(
+        "--rl_goal_att_heads",
+        type=int,
+        default=2,
+        help="heads of the worker's goal attention (fixed in the original)",
+    )
+    model.add_argument(
+        "--dout_p", type=float, default=0.1, help="dropout probability everywhere in the agent"
+    )
+    model.add_argument(
+        "--segmenter",
+        default="critic",
+        choices=["critic", "heuristic"],
+        help="what marks sub-goal ends: the frozen segment critic (--rl_critic_path) or the punctuation and "
+        "clause-word rule (no checkpoint needed)",
+    )
+    model.add_argument(
+        "--rl_critic_path",
+        default="./data/models/critic.cp",
+        help="segment critic state dict (critic.cp layout)",
+    )
+    model.add_argument(
+        "--rl_critic_score_threshhold",
+        type=float,
+        default=0.25,
+        help="a token ends a segment when sigmoid(critic logit) exceeds this",
+    )
+    model.add_argument(
+        "--rl_pretrained_model_dir",
+        default=None,
+        help="a checkpoint folder with bm_hrl_agent.pt and the value functions (ours or the original's)",
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument("--B", type=int, default=16, help="train batch size")
     training.add_argument("--inf_B_coeff", type=int, default=2, help="validation batch = inf_B_coeff × B")
+    training.add_argument("--epoch_num", type=int, default=100, help="epochs to train")
+    training.add_argument(
+        "--rl_warmstart_epochs",
+        type=int,
+        default=1,
+        help="supervised warm-start epochs before RL (exactly this many)",
+    )
+    training.add_argument(
+        "--rl_cap_warmstart_lr", type=float, default=1e-4, help="agent Adam lr in the warm start"
+    )
+    training.add_argument("--rl_cap_lr", type=float, default=1e-4, help="agent Adam lr in the RL epochs")
+    training.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay of the agent")
+    training.add_argument(
+        "--smoothing", type=float, default=0.7, help="label smoothing of the warm-start loss"
+    )
+    training.add_argument(
+        "--grad_clip", type=float, default=None, help="clip the gradient norm to this before each step"
+    )
+    training.add_argument("--one_by_one_starts_at", type=int, default=1, help="first epoch that is validated")
+    training.add_argument(
+        "--early_stop_after",
+        type=int,
+        default=30,
+        help="stop after this many validations without improvement",
+    )
+    training.add_argument("--max_len", type=int, default=30, help="most tokens a decoded caption may have")
+    training.add_argument("--beam_size", type=int, default=1, help="1: greedy decoding; more: beam search")
+    training.add_argument(
+        "--length_penalty", type=float, default=1.0, help="beam search ranks by sum(log p) / length**this"
+    )
 
     parser.add_argument_group("RL")
     ranking = parser.add_argument_group("ranking")
