@@ -111,6 +111,7 @@ def _build_once(root: Path, params: dict, generate: Callable[[Path], None]) -> N
         raise InputError(f"{root}: exists and is not a demo dataset folder; choose another --demo_dir")
     root.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(root) as tmp:  # replaces an older demo (other parameters)
+        tmp.mkdir()
         generate(tmp)
         (tmp / "demo_info.json").write_text(json.dumps(params) + "\n")
 
