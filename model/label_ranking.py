@@ -226,20 +226,21 @@ class FusionTrunk(nn.Module):
             raise InputError(
                 f"text features are {text.shape[-1]}-d but --text_feat_dim is {self.text_feat_dim}"
             )
-        if self.scorer_head == "flattened" and (text.shape[2], frames.shape[1]) != (
-            self.seq_length,
-            self.max_imgs,
-        ):
+        got, want = (text.shape[2], frames.shape[1]), (self.seq_length, self.max_imgs)
+        if self.scorer_head == "flattened" and got != want:
             raise InputError(
-                f"the flattened head needs {self.seq_length} text tokens (--seq_length) and {self.max_imgs} frames "
-                f"(--max_imgs); got {text.shape[2]} tokens and {frames.shape[1]} frames"
+                f"the flattened head needs {want[0]} text tokens (--seq_length) and {want[1]} frames (--max_imgs); "
+                f"got {got[0]} tokens and {got[1]} frames"
             )
         if frame_mask is not None and not bool(frame_mask.any(-1).all()):
             raise InputError("a clip in the batch has no real frame (frame_mask all False)")
 
 
 class FusionScorer(FusionTrunk):
-    """S(text, frames): one relevance score per label; the pointwise model and the PPO actor."""
+    """S(text, frames): one relevance score per label; the pointwise model and the PPO actor.
+
+    `sizes` are FusionTrunk's keyword arguments (LabelRankingConfig's fields).
+    """
 
     def __init__(self, **sizes: Any):
         super().__init__(**sizes)
@@ -260,6 +261,7 @@ class RewardModel(FusionTrunk):
     """
 
     def __init__(self, num_slots: int = 4, **sizes: Any):
+        """`num_slots` rows of slot embedding (context pair + ranked pair); `sizes` as FusionScorer's."""
         super().__init__(**sizes)
         d = self.visual_feat_dim
         self.pos_emb = nn.Embedding(num_slots, d)
