@@ -1,0 +1,459 @@
+"""LR²PPO's models: the XiT cross-attention block, the fusion scorer S(text, frames) and the reward model / critic.
+
+The scorer rates every candidate label of a clip from the label's token features and the clip's frame features
+(spec §4.2); it is the pointwise model and the PPO actor. The reward model shares the scorer's trunk, gathers the
+label vectors into a slot sequence (`[ctx_a, ctx_b, ranked_1st, ranked_2nd]` for a pair), adds a slot embedding,
+runs a self-attention XiT over the slots and reads one scalar at the last slot (§4.3). The critic is the same
+module called on the context slots only (§4.4).
+
+Shapes: frames `[B, F, visual_feat_dim]` once per clip, label text `[B, L, T, text_feat_dim]`. The frames are
+projected once per clip and every label's text tokens attend to the same keys/values (the L labels are folded into
+the query axis), so nothing is repeated per label.
+
+State-dict keys equal the original's (`text_proj.*`, `img_proj.*`, `xit.0.0.0.fn.1.queries.*`, …, `pos_emb.weight`,
+`xitt.*`, `head.*`), so a released `.bin` loads with `load_state_dict`; `check_state_layout`, `split_ppo_state` and
+`join_ppo_state` move between the released layouts and ours with clear errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utilities.errors import InputError
+
+ScorerHead = Literal["flattened", "pooled"]
+
+
+class Mlp(nn.Module):
+    """Linear → GELU → Linear (the original's dropouts have p = 0 and are left out; they hold no parameters)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NormPair(nn.Module):
+    """Separate LayerNorms for the query side x and the key/value side y."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.ln_x = nn.LayerNorm(dim)
+        self.ln_y = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.ln_x(x), self.ln_y(y)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x's tokens over y's tokens on torch SDPA: softmax(QKᵀ/√d_head)V.
+
+    `compat_xit_attention=True` reproduces the original instead: no scaling of the logits and the probabilities
+    divided by √dim after the softmax (spec §4.1, §8.2). Since (A/c)V = (AV)/c this is SDPA with scale 1 and the
+    output divided by √dim. Use it only to run weights trained that way (the released checkpoints).
+    """
+
+    def __init__(self, dim: int, num_heads: int, compat_xit_attention: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise InputError(f"--visual_feat_dim {dim} is not divisible by --xit_heads {num_heads}")
+        self.num_heads = num_heads
+        self.compat_xit_attention = compat_xit_attention
+        self.queries = nn.Linear(dim, dim)
+        self.keys = nn.Linear(dim, dim)
+        self.values = nn.Linear(dim, dim)
+        self.projection = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """x `[N, Lq, dim]` attends over y `[N, Lk, dim]`; key_mask `[N, Lk]` is True at real keys."""
+        n, lq, dim = x.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.view(n, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+        q, k, v = heads(self.queries(x)), heads(self.keys(y)), heads(self.values(y))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        if self.compat_xit_attention:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0) / math.sqrt(dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.projection(out.transpose(1, 2).reshape(n, lq, dim))
+
+
+class _Residual(nn.Module):
+    """Holds one residual branch under the name `fn` (the original's key nesting)."""
+
+    def __init__(self, fn: nn.Sequential):
+        super().__init__()
+        self.fn = fn
+
+
+class XiT(nn.Module):
+    """One pre-LayerNorm cross-attention transformer block and a final LayerNorm (spec §4.1).
+
+    x₁ = x + Dropout(Attn(LN_x(x), LN_y(y)));  x₂ = x₁ + Dropout(FFN(LN(x₁)));  out = LN(x₂).
+    The residual adds the un-normalised x. Self-attention is XiT(u, u). The submodules sit at the original's
+    state-dict names: `0.0.0.fn` the attention branch, `0.0.1.fn` the feed-forward branch, `1.0` the final norm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        feedforward_size: int,
+        dropout: float,
+        compat_xit_attention: bool = False,
+    ):
+        super().__init__()
+        attention = nn.Sequential(
+            NormPair(dim), CrossAttention(dim, num_heads, compat_xit_attention), nn.Dropout(dropout)
+        )
+        feed_forward = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Sequential(
+                nn.Linear(dim, feedforward_size),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(feedforward_size, dim),
+            ),
+            nn.Dropout(dropout),
+        )
+        self.add_module("0", nn.ModuleList([nn.ModuleList([_Residual(attention), _Residual(feed_forward)])]))
+        self.add_module("1", nn.ModuleList([nn.LayerNorm(dim)]))
+
+    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """x `[N, Lq, dim]`, y `[N, Lk, dim]`, key_mask `[N, Lk]` (True = real) → `[N, Lq, dim]`."""
+        norms, attention, dropout = self.get_submodule("0.0.0.fn")
+        x = x + dropout(attention(*norms(x, y), key_mask))
+        x = x + self.get_submodule("0.0.1.fn")(x)
+        return self.get_submodule("1.0")(x)
+
+
+class AttentionPool(nn.Module):
+    """Softmax-weighted mean over tokens with one learned query; starts as the plain (masked) mean."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x `[..., N, dim]`, mask `[..., N]` (True = real) → `[..., dim]`; invariant to the token order."""
+        logits = x @ self.query / math.sqrt(x.shape[-1])
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return (logits.softmax(-1).unsqueeze(-1) * x).sum(-2)
+
+
+class FusionTrunk(nn.Module):
+    """S's trunk: per label, text tokens attend to the clip's frames; one vector per label (spec §4.2 steps 1–4).
+
+    `scorer_head="flattened"` (the paper's): concat(Z, Iₚ) `[T+F, d]` flattened into `out_layer`; depends on
+    the frame order and needs exactly `seq_length` tokens and `max_imgs` frames. `"pooled"`: attention-pooled
+    text tokens and frames, concatenated (`[2d]`) into a small `out_layer`; invariant to the frame order.
+    """
+
+    def __init__(
+        self,
+        seq_length: int = 196,
+        max_imgs: int = 16,
+        visual_feat_dim: int = 768,
+        text_feat_dim: int = 768,
+        feedforward_size: int = 3072,
+        xit_heads: int = 8,
+        xit_dropout: float = 0.1,
+        compat_xit_attention: bool = False,
+        scorer_head: ScorerHead = "flattened",
+    ):
+        super().__init__()
+        if scorer_head not in ("flattened", "pooled"):
+            raise InputError(f"--scorer_head must be 'flattened' or 'pooled', got {scorer_head!r}")
+        self.seq_length, self.max_imgs, self.scorer_head = seq_length, max_imgs, scorer_head
+        self.visual_feat_dim, self.text_feat_dim = visual_feat_dim, text_feat_dim
+        self.feedforward_size, self.xit_heads, self.xit_dropout = feedforward_size, xit_heads, xit_dropout
+        self.compat_xit_attention = compat_xit_attention
+        d = visual_feat_dim
+        self.text_proj = Mlp(text_feat_dim, feedforward_size, d)
+        self.img_proj = Mlp(visual_feat_dim, feedforward_size, d)
+        self.xit = XiT(d, xit_heads, feedforward_size, xit_dropout, compat_xit_attention)
+        if scorer_head == "flattened":
+            self.out_layer = Mlp((seq_length + max_imgs) * d, feedforward_size, d)
+        else:
+            self.text_pool = AttentionPool(d)
+            self.frame_pool = AttentionPool(d)
+            self.out_layer = Mlp(2 * d, feedforward_size, d)
+
+    def label_features(self, frames: Tensor, text: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+        """frames `[B, F, visual_feat_dim]`, text `[B, L, T, text_feat_dim]`, frame_mask `[B, F]` → `[B, L, d]`.
+
+        Padded frames (frame_mask False) are hidden from attention and zeroed in the flattened head, so their
+        content never changes a score.
+        """
+        self._check_inputs(frames, text, frame_mask)
+        b, n_labels, n_tokens, _ = text.shape
+        n_frames = frames.shape[1]
+        img = self.img_proj(frames)
+        tokens = self.xit(self.text_proj(text).flatten(1, 2), img, frame_mask).view(b, n_labels, n_tokens, -1)
+        if self.scorer_head == "pooled":
+            frame_vec = self.frame_pool(img, frame_mask).unsqueeze(1).expand(-1, n_labels, -1)
+            return self.out_layer(torch.cat([self.text_pool(tokens), frame_vec], dim=-1))
+        if frame_mask is not None:
+            img = img * frame_mask.unsqueeze(-1)
+        img = img.reshape(b, 1, n_frames * img.shape[-1]).expand(-1, n_labels, -1)
+        return self.out_layer(torch.cat([tokens.flatten(2), img], dim=-1))
+
+    def _check_inputs(self, frames: Tensor, text: Tensor, frame_mask: Tensor | None) -> None:
+        if frames.dim() != 3 or text.dim() != 4 or frames.shape[0] != text.shape[0]:
+            raise InputError(
+                f"expected frames [B, F, d] and text [B, L, T, d]; got {list(frames.shape)} and {list(text.shape)}"
+            )
+        if frames.shape[-1] != self.visual_feat_dim:
+            raise InputError(
+                f"frame features are {frames.shape[-1]}-d but --visual_feat_dim is {self.visual_feat_dim}"
+            )
+        if text.shape[-1] != self.text_feat_dim:
+            raise InputError(
+                f"text features are {text.shape[-1]}-d but --text_feat_dim is {self.text_feat_dim}"
+            )
+        got, want = (text.shape[2], frames.shape[1]), (self.seq_length, self.max_imgs)
+        if self.scorer_head == "flattened" and got != want:
+            raise InputError(
+                f"the flattened head needs {want[0]} text tokens (--seq_length) and {want[1]} frames (--max_imgs); "
+                f"got {got[0]} tokens and {got[1]} frames"
+            )
+        if frame_mask is not None and not bool(frame_mask.any(-1).all()):
+            raise InputError("a clip in the batch has no real frame (frame_mask all False)")
+
+
+class FusionScorer(FusionTrunk):
+    """S(text, frames): one relevance score per label; the pointwise model and the PPO actor.
+
+    `sizes` are FusionTrunk's keyword arguments (LabelRankingConfig's fields).
+    """
+
+    def __init__(self, **sizes: Any):
+        super().__init__(**sizes)
+        self.head = nn.Linear(self.visual_feat_dim, 1)
+
+    def forward(
+        self, frames: Tensor, text: Tensor, label_mask: Tensor | None = None, frame_mask: Tensor | None = None
+    ) -> Tensor:
+        """Scores `[B, L]`; labels are scored independently; padded labels (label_mask False) get 0."""
+        scores = self.head(self.label_features(frames, text, frame_mask)).squeeze(-1)
+        return scores if label_mask is None else scores.masked_fill(~label_mask, 0.0)
+
+
+class RewardModel(FusionTrunk):
+    """R (and the critic V): the trunk's label vectors gathered into slots, + slot embedding, self-XiT, last slot.
+
+    The original's "causal" XiT mask was a no-op; it would not change the last slot anyway, so attention is full.
+    """
+
+    def __init__(self, num_slots: int = 4, **sizes: Any):
+        """`num_slots` rows of slot embedding (context pair + ranked pair); `sizes` as FusionScorer's."""
+        super().__init__(**sizes)
+        d = self.visual_feat_dim
+        self.pos_emb = nn.Embedding(num_slots, d)
+        self.xitt = XiT(d, self.xit_heads, self.feedforward_size, self.xit_dropout, self.compat_xit_attention)
+        self.head = nn.Linear(d, 1)
+
+    def forward(
+        self, frames: Tensor, text: Tensor, slots: Tensor | None = None, frame_mask: Tensor | None = None
+    ) -> Tensor:
+        """One scalar per clip `[B]`. slots `[B, S]` are label positions in text's L axis: `[a, b, 1st, 2nd]` for
+        the reward; None means every label in order (the critic's state `[0, 1]`)."""
+        return self.score_slots(self.label_features(frames, text, frame_mask), slots)
+
+    def score_slots(self, label_vectors: Tensor, slots: Tensor | None = None) -> Tensor:
+        """label_vectors `[B, L, d]` from `label_features` → `[B]`; lets chosen and rejected share one trunk pass."""
+        u = label_vectors
+        if slots is not None:
+            u = u.gather(1, slots.unsqueeze(-1).expand(-1, -1, u.shape[-1]))
+        if u.shape[1] > self.pos_emb.num_embeddings:
+            raise InputError(f"{u.shape[1]} slots but the reward model has {self.pos_emb.num_embeddings}")
+        u = u + self.pos_emb.weight[: u.shape[1]]
+        return self.head(self.xitt(u, u)[:, -1]).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class LabelRankingConfig:
+    """The model sizes and switches; field names are the flag names (paper sizes by default)."""
+
+    seq_length: int = 196
+    max_imgs: int = 16
+    visual_feat_dim: int = 768
+    text_feat_dim: int = 768
+    feedforward_size: int = 3072
+    xit_heads: int = 8
+    xit_dropout: float = 0.1
+    compat_xit_attention: bool = False
+    scorer_head: ScorerHead = "flattened"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LabelRankingConfig:
+        """Read the fields from a Config / argparse namespace; settings it lacks keep the paper defaults."""
+        defaults = cls()
+        return cls(**{name: getattr(cfg, name, value) for name, value in asdict(defaults).items()})
+
+    def build_scorer(self) -> FusionScorer:
+        return FusionScorer(**asdict(self))
+
+    def build_reward_model(self) -> RewardModel:
+        return RewardModel(**asdict(self))
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- released checkpoint layouts (spec §7) -------------------------------------------------------------------
+
+
+def check_state_layout(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
+    """Raise InputError naming the missing, unexpected and mis-shaped keys of `state` against `model`'s keys.
+
+    Pointwise and reward `.bin` files already use our keys, so after this check `model.load_state_dict(state)`
+    is the whole import; `model.state_dict()` is the whole export.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [
+        f"{k} {list(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__} "
+        f"(expected {list(expected[k].shape)})"
+        for k in expected
+        if k in state and (not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape)
+    ]
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [f"{source}: not a {type(model).__name__} state dict for these sizes"]
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            parts.append(f"{what} ({len(keys)}): {', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}")
+    if any(k.startswith(("actor.", "critic.")) for k in unexpected):
+        parts.append("this is a PPO checkpoint (actor.* / critic.*): split it with split_ppo_state")
+    elif "pos_emb.weight" in unexpected:
+        parts.append("this is a reward-model checkpoint")
+    elif "pos_emb.weight" in missing:
+        parts.append("this is a pointwise (scorer) checkpoint")
+    if any(k.startswith("out_layer.") for k in misshaped):
+        parts.append(
+            "out_layer's shape follows --seq_length, --max_imgs, --visual_feat_dim and --scorer_head"
+        )
+    raise InputError("; ".join(parts))
+
+
+def split_ppo_state(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A released PPO `.bin` (`actor.*` + `critic.*`) → (actor state, critic state) in our scorer/reward keys."""
+    parts: dict[str, dict[str, Tensor]] = {"actor": {}, "critic": {}}
+    stray = []
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in parts and rest:
+            parts[prefix][rest] = value
+        else:
+            stray.append(key)
+    if stray:
+        raise InputError(
+            f"{source}: keys outside actor.* / critic.* in a PPO checkpoint: {', '.join(stray[:6])}"
+        )
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        raise InputError(f"{source}: PPO checkpoint has no {' and no '.join(f'{n}.* keys' for n in empty)}")
+    return parts["actor"], parts["critic"]
+
+
+def join_ppo_state(
+    actor_state: Mapping[str, Tensor], critic_state: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """(actor state, critic state) → the released PPO `.bin` layout (`actor.*` + `critic.*`)."""
+    joined = {f"actor.{k}": v for k, v in actor_state.items()}
+    joined.update({f"critic.{k}": v for k, v in critic_state.items()})
+    return joined
+
+
+# ---- Plackett–Luce over label scores (a stochastic ranking policy) --------------------------------------------
+
+
+def _scaled(scores: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
+    if temperature <= 0:
+        raise InputError(f"the Plackett–Luce temperature must be > 0, got {temperature}")
+    logits = scores / temperature
+    return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+
+def plackett_luce_log_prob(
+    scores: Tensor, order: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """log P(order) = Σᵢ [sᵢ − logsumexp_{j ≥ i} sⱼ] with s = scores/temperature taken in `order`.
+
+    scores, mask `[..., L]`; order `[..., L]` a permutation of label positions. Padded labels (mask False)
+    contribute nothing wherever they sit in the order, so the result is the log-prob of the real labels' order.
+    """
+    ordered = _scaled(scores, mask, temperature).gather(-1, order)
+    suffix_lse = ordered.flip(-1).logcumsumexp(-1).flip(-1)
+    terms = ordered - suffix_lse
+    real = torch.isfinite(ordered)
+    return torch.where(real, terms, torch.zeros_like(terms)).sum(-1)
+
+
+@torch.no_grad()
+def sample_plackett_luce(
+    scores: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Orders `[..., L]` drawn from Plackett–Luce (Gumbel-top-k: argsort of s/τ + Gumbel noise).
+
+    Real labels come first; padded ones last in position order. `generator` must be on scores' device.
+    """
+    logits = _scaled(scores, mask, temperature)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    tiny = torch.finfo(logits.dtype).tiny
+    gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+    return torch.sort(logits + gumbel, dim=-1, descending=True, stable=True).indices
+
+
+def plackett_luce_entropy(
+    scores: Tensor, order: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Σᵢ H(softmax over the labels not yet placed before step i of `order`)  `[...]`.
+
+    By the chain rule its expectation over orders sampled from the model is the exact Plackett–Luce entropy
+    (and for two labels it is exact for any order); differentiable in the scores. O(L²) memory per list.
+    """
+    logits = _scaled(scores, mask, temperature).gather(-1, order)
+    n = logits.shape[-1]
+    later = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu()  # row i: positions j ≥ i
+    stage = logits.unsqueeze(-2).masked_fill(~later, float("-inf"))  # [..., step, L]
+    open_ = torch.isfinite(stage)
+    log_p = torch.where(
+        open_, stage.log_softmax(-1), torch.zeros_like(stage)
+    )  # no 0·(−inf) NaNs, even in grads
+    return -torch.where(open_, log_p.exp() * log_p, torch.zeros_like(log_p)).sum((-1, -2))
+
+
+def plackett_luce_exact_entropy(scores: Tensor, temperature: float = 1.0, max_labels: int = 7) -> Tensor:
+    """−Σ_orders P log P by enumerating all L! orders `[...]` (no padding); for short lists and tests."""
+    n = scores.shape[-1]
+    if n > max_labels:
+        raise InputError(f"exact Plackett–Luce entropy enumerates {n}! orders; at most {max_labels} labels")
+    orders = torch.tensor(list(itertools.permutations(range(n))), device=scores.device)
+    log_p = plackett_luce_log_prob(
+        scores.unsqueeze(-2).expand(*scores.shape[:-1], len(orders), n),
+        orders.expand(*scores.shape[:-1], len(orders), n),
+        temperature=temperature,
+    )
+    return -(log_p.exp() * log_p).sum(-1)
