@@ -214,6 +214,8 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
     generator = data_generator(cfg.seed)
     rate = boundary_rate(train_data)
+    if rate == 0:
+        raise InputError(f"{cfg.train_meta_path}: no token is labelled as a segment end: nothing to learn")
     pos_weight = cfg.critic_pos_weight if cfg.critic_pos_weight is not None else (1 - rate) / rate
     print(
         f"train_critic: {len(train_data)} training captions ({cfg.train_meta_path}, boundary rate {rate:.3f}), "

@@ -247,6 +247,7 @@ def test_json_input_trains(tmp_path):
         ([{"captions": ["a b c"], "seg_labels": [[0, 1]]}], "entry 0, caption 0: 3 words but 2 labels"),
         ([{"captions": ["a b"], "seg_labels": [[0, 2]]}], "labels must be 0 or 1"),
         ([{"captions": [" "], "seg_labels": [[]]}], "expected a non-empty caption"),
+        ([{"captions": ["a b"], "seg_labels": [[0, 0]]}], "no token is labelled as a segment end"),
     ],
 )
 def test_bad_json_is_a_one_line_error(tmp_path, capsys, content, message):
