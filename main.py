@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     critic.add_argument(
         "--critic_pos_weight",
         type=float,
-        default=None,
-        help="train_critic: BCE weight of boundary tokens; default: non-boundary/boundary tokens in training",
+        default=1.0,
+        help="train_critic: BCE weight of boundary tokens; 1 keeps the probabilities calibrated for the agent's "
+        "threshold (--rl_critic_score_threshhold 0.25 already leans to recall)",
     )
     ranking = parser.add_argument_group("ranking")
     ranking.add_argument(
