@@ -170,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser.add_argument_group("RL")
+    critic = parser.add_argument_group("segment critic (train_critic)")
+    critic.add_argument(
+        "--critic_out",
+        default=None,
+        help="train_critic: also write the best critic.cp (original layout) here",
+    )
+    critic.add_argument("--critic_lr", type=float, default=1e-3, help="train_critic: Adam learning rate")
+    critic.add_argument(
+        "--critic_pos_weight",
+        type=float,
+        default=1.0,
+        help="train_critic: BCE weight of boundary tokens; 1 keeps the probabilities calibrated for the agent's "
+        "threshold (--rl_critic_score_threshhold 0.25 already leans to recall)",
+    )
     ranking = parser.add_argument_group("ranking")
     ranking.add_argument(
         "--ranking_predictions",

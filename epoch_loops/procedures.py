@@ -30,6 +30,7 @@ PROCEDURES: dict[str, Procedure] = {
     "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
+    "train_critic": Procedure("epoch_loops.critic:train_critic"),
 }
 
 log = logging.getLogger(__name__)
