@@ -47,8 +47,7 @@ from epoch_loops.agent_files import (
     new_agents,
     save_agents,
 )
-from epoch_loops.evaluate import format_table
-from evaluation.densevid import DenseCaptioningEvaluator, Report
+from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
 from evaluation.meteor import Meteor
 from model.bmhrl import BMHRLAgent, trainable_parameters
 from model.decoding import beam_search, greedy_decode

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report
+from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.formats import load_submission
 from evaluation.ranking import read_predictions, score_predictions
 from utilities.config import Config
@@ -69,16 +69,3 @@ def evaluate_captioning(cfg: Config, run: RunDir) -> None:
     print(report.provenance())
     print(format_table(report))
     run.write_metrics("metrics.json", report.metrics, cfg.metrics_out)
-
-
-def format_table(report: Report) -> str:
-    """One row per tIoU plus the average, values ×100 with 4 decimals."""
-    names = list(report.metrics[AVERAGE_KEY])
-    header = ["tIoU", *names]
-    rows = [[key, *(f"{100 * row[m]:.4f}" for m in names)] for key, row in report.metrics.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        " | ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=False)) for r in [header, *rows]
-    ]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)

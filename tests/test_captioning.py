@@ -33,11 +33,13 @@ from epoch_loops.agent_files import (
     save_agents,
 )
 from epoch_loops.captioning import caption_text
-from main import main
+from main import build_parser, main
 from model.bmhrl import AgentConfig, SegmentCritic, load_original_state_dict
 from model.decoding import greedy_decode
 from tests.conftest import REPO, requires_java
 from tests.test_bmhrl_model import is_dead, original_agent_shapes
+from utilities.config import Config
+from utilities.errors import InputError
 
 D_VID, D_AUD = 16, 8
 SUBJECTS, VERBS, OBJECTS = ["man", "woman", "dog"], ["throws", "kicks", "carries"], ["ball", "box"]
@@ -404,3 +406,19 @@ def test_predict_bad_input_is_a_one_line_error(shared_data, tmp_path, capsys, ch
     assert err.startswith("main.py: error: ") and err.count("\n") == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["AHRL", "VHRL", "BM"])
+def test_ablations_train_and_save_their_own_layout(tiny_data, tmp_path, mode):
+    argv = tiny_argv(
+        tiny_data, tmp_path, mode, "--mode", mode, "--rl_warmstart_epochs", "1", "--epoch_num", "1"
+    )
+    assert main([*argv, "--one_by_one_starts_at", "5"]) == 0
+    folder = tmp_path / "train_rl_cap" / mode / "checkpoints" / "last"
+    keys = set(torch.load(folder / AGENT_FILE, weights_only=True))
+    assert any(k.startswith({"AHRL": "a_enc.", "VHRL": "v_enc.", "BM": "projection."}[mode]) for k in keys)
+    assert json.loads((folder / "agent_config.json").read_text())["mode"] == mode
+    with pytest.raises(InputError, match=f"holds a {mode} agent but --mode is BMHRL"):
+        captioning.train(
+            Config(**{**vars(build_parser().parse_args(argv)), "mode": "BMHRL", "resume": str(folder)}), None
+        )
