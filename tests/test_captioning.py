@@ -422,3 +422,47 @@ def test_ablations_train_and_save_their_own_layout(tiny_data, tmp_path, mode):
         captioning.train(
             Config(**{**vars(build_parser().parse_args(argv)), "mode": "BMHRL", "resume": str(folder)}), None
         )
+
+
+def test_optimiser_groups_cover_the_agent_and_a_frozen_group_stays_bit_identical(tiny_data, tmp_path):
+    """One named parameter group per module group; after warm-start steps (Adam moments everywhere), a step in
+    the worker phase leaves the manager's parameters exactly as they were."""
+    cfg = Config(
+        **vars(
+            build_parser().parse_args(tiny_argv(tiny_data, tmp_path, "g", "--rl_value_function_lr", "3e-4"))
+        )
+    )
+    cfg.device = "cpu"
+    vocab = Vocabulary(["<unk>", "<blank>", "<s>", "</s>", "a", "man", "and"])
+    agents = captioning.new_agents(cfg, vocab)
+    trainer = captioning.Trainer.create(cfg, agents, None, None)
+    agent = agents.agent
+    agent.set_phase("warm_start")
+    grouped = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert len({id(p) for p in grouped}) == len(grouped)
+    trainable = {id(p) for p in agent.parameters() if p.requires_grad}
+    assert {id(p) for g in trainer.optimizer.param_groups[:2] for p in g["params"]} == trainable
+    names = [g["name"] for g in trainer.optimizer.param_groups]
+    assert names == ["worker", "manager", "worker_value_function", "manager_value_function"]
+    assert trainer.group("manager_value_function")["lr"] == 3e-4 and trainer.agent_lr() == 1e-3
+
+    g = torch.Generator().manual_seed(0)
+    video, audio = torch.randn(2, 5, D_VID, generator=g), torch.rand(2, 7, D_AUD, generator=g)
+    captions = torch.tensor([[2, 5, 6, 4, 3], [2, 4, 3, 1, 1]])
+
+    def step():
+        out = agent(video, None, audio, None, captions[:, :-1])
+        loss = captioning.label_smoothing_loss(out.log_probs, captions[:, 1:], 1, 0.7)
+        captioning.optimiser_step(trainer, loss, 0, 0, None)
+
+    agent.train()
+    step()
+    step()
+    agent.set_phase("worker")
+    manager = {
+        k: v.clone() for k, v in agent.state_dict().items() if k.startswith(("manager.", "bm_manager_fus."))
+    }
+    worker_before = agent.worker.projection.weight.clone()
+    step()
+    assert all(torch.equal(v, agent.state_dict()[k]) for k, v in manager.items())
+    assert not torch.equal(worker_before, agent.worker.projection.weight)
