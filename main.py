@@ -168,8 +168,48 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument(
         "--length_penalty", type=float, default=1.0, help="beam search ranks by sum(log p) / length**this"
     )
+    training.add_argument(
+        "--select_on",
+        default="val_1",
+        choices=["val_1", "mean"],
+        help="the METEOR that selects checkpoints and drives early stopping: val_1 (as the paper's 10.80) or the "
+        "mean of val_1 and val_2 (BMT's)",
+    )
+    training.add_argument(
+        "--scheduler",
+        default="constant",
+        choices=["constant", "reduce_on_plateau"],
+        help="agent learning-rate schedule; reduce_on_plateau multiplies the lr by --lr_reduce_factor after "
+        "--lr_patience validations without improvement of the --select_on METEOR",
+    )
+    training.add_argument("--lr_patience", type=int, default=2, help="reduce_on_plateau: patience")
+    training.add_argument("--lr_reduce_factor", type=float, default=0.5, help="reduce_on_plateau: factor")
 
-    parser.add_argument_group("RL")
+    rl = parser.add_argument_group("RL")
+    rl.add_argument(
+        "--rl_value_function_lr",
+        type=float,
+        default=1e-4,
+        help="Adam lr of the worker and manager value functions",
+    )
+
+    predict = parser.add_argument_group("predict")
+    predict.add_argument("--video_id", default=None, help="predict: the video whose features are read")
+    predict.add_argument(
+        "--duration", type=float, default=None, help="predict: the video's duration (seconds)"
+    )
+    predict.add_argument(
+        "--timestamps",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S E",
+        help="predict: segments to caption, start and end in seconds: S1 E1 [S2 E2 ...]",
+    )
+    predict.add_argument(
+        "--predictions_out", default=None, help='predict: write [{"start", "end", "sentence"}, ...] here'
+    )
+
     critic = parser.add_argument_group("segment critic (train_critic)")
     critic.add_argument(
         "--critic_out",

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from utilities.errors import InputError
 from utilities.files import atomic_path
@@ -109,15 +107,3 @@ def embedding_matrix(spec: str, itos: Sequence[str], dim: int, seed: int = 0) ->
         raise InputError(f"{spec}: vectors are {matrix.shape[1]}-d but --d_model_caps is {dim}")
     log.info("word embeddings: %d of %d vocabulary tokens found in %s", found, len(itos), spec)
     return matrix
-
-
-class WordEmbedding(nn.Module):
-    """Token ids → vectors × √d (the original VocabularyEmbedder); frozen unless `trainable`."""
-
-    def __init__(self, weights: torch.Tensor, trainable: bool = False):
-        super().__init__()
-        self.embedding = nn.Embedding.from_pretrained(weights, freeze=not trainable)
-        self.scale = math.sqrt(weights.shape[1])
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(ids) * self.scale

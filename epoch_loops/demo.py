@@ -1,11 +1,13 @@
 """`main.py --procedure demo`: the framework end to end on its built-in demo data.
 
 It generates the demo dataset (the real on-disk formats), reads it through the same data pipeline as real
-ActivityNet Captions, captions every ground-truth segment of val_1 and val_2 with a nearest-neighbour retrieval
-baseline (the caption of the train segment whose pooled video+audio features are closest), and scores the
-predictions with the official dense-captioning evaluator (ground-truth proposals: tIoU 0.5, one reference file
-per split, the BMT protocol). A most-frequent-caption baseline is scored beside it: the gap between the two shows
-that the features carry the captions' content. This stands in until the captioning procedures land.
+ActivityNet Captions, and captions every ground-truth segment of val_1 and val_2 three ways, each scored with the
+official dense-captioning evaluator (ground-truth proposals: tIoU 0.5, one reference file per split, the BMT
+protocol):
+- the BMHRL agent after its supervised warm start (`train_rl_cap` with the small configuration `DEMO_AGENT`);
+- a nearest-neighbour retrieval baseline (the caption of the train segment whose pooled video+audio features are
+  closest);
+- a most-frequent-caption baseline: its gap to the other two shows that the features carry the captions' content.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from datasets.activitynet import (
 from datasets.demo import ensure_demo_dataset
 from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
-from epoch_loops.evaluate import format_table
-from evaluation.densevid import DenseCaptioningEvaluator
+from epoch_loops.captioning import submission_of, train
+from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.meteor import Meteor
 from utilities.config import Config
 from utilities.log import progress
@@ -34,6 +36,36 @@ from utilities.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 SPLITS = ("val_1", "val_2")
+BASELINES = ("most_frequent", "nearest_neighbour")
+
+# The agent's demo configuration: small sizes (the features keep their real widths, 1024 and 128), random word
+# vectors, the heuristic segmenter (no critic checkpoint), and a warm start validated once, at its end.
+DEMO_AGENT = {
+    "mode": "BMHRL",
+    "segmenter": "heuristic",
+    "word_emb_caps": "random",
+    "d_model_caps": 64,
+    "d_model": 64,
+    "rl_att_heads": 4,
+    "rl_att_layers": 1,
+    "rl_ff_v": 128,
+    "rl_ff_a": 128,
+    "rl_goal_d": 16,
+    "rl_goal_att_heads": 2,
+    "dout_p": 0.1,
+    "B": 16,
+    "rl_warmstart_epochs": 8,
+    "epoch_num": 8,
+    "one_by_one_starts_at": 7,
+    "rl_cap_warmstart_lr": 1e-3,
+    "grad_clip": 1.0,
+    "max_len": 20,
+    "beam_size": 1,
+    "vocab_path": None,
+    "rl_pretrained_model_dir": None,
+    "resume": None,
+    "metrics_out": None,
+}
 
 
 def demo(cfg: Config, run: RunDir) -> None:
@@ -49,9 +81,9 @@ def demo(cfg: Config, run: RunDir) -> None:
         for split in ("train", *SPLITS)
     }
     print(f"demo data: {paths.root} | " + " | ".join(f"{s}: {len(d)} segments" for s, d in datasets.items()))
-    print(f"vocabulary size: {len(vocab.itos)}")
-    print("trainable parameters: 0 (retrieval baseline)")
+    agent_cfg = Config(**{**cfg.to_dict(), **DEMO_AGENT, "procedure": "train_rl_cap"})
     if cfg.dry_run:
+        train(agent_cfg, RunDir(run.path / "agent", agent_cfg))
         return
 
     train_keys = pooled_features(cfg, datasets["train"], "train")
@@ -71,22 +103,47 @@ def demo(cfg: Config, run: RunDir) -> None:
                 [reference], tious=[0.5], max_proposals=cfg.max_prop_per_vid, seed=cfg.seed, meteor=meteor
             )
             for name, sentences in baselines.items():
-                submission = submission_of(dataset, sentences)
+                submission = submission_of(dataset.segments, sentences)
                 run.write_json(f"captioning_results_{split}_{name}.json", submission)
                 report = evaluator.evaluate(submission["results"], source=f"{name} on {split}")
                 metrics[f"{split}/{name}"] = report.metrics["0.5"]
                 print(f"\n{name} baseline on {split} ({report.provenance()})")
                 print(format_table(report))
-    for name in ("nearest_neighbour", "most_frequent"):
+        print(
+            f"\nthe BMHRL agent: {agent_cfg.rl_warmstart_epochs} warm-start epochs (run: {run.path / 'agent'})"
+        )
+        state = train(agent_cfg, RunDir(run.materialise() / "agent", agent_cfg), meteor=meteor)
+    final = state.history[-1]["val"]
+    for split in SPLITS:
+        metrics[f"{split}/warm_start"] = final[split]
+    for name in (*BASELINES, "warm_start"):
         mean_meteor = sum(metrics[f"{s}/{name}"]["METEOR"] for s in SPLITS) / len(SPLITS)
         metrics[f"mean/{name}"] = {"METEOR": mean_meteor}
         if run.writer is not None:
             run.writer.add_scalar(f"demo/{name}_meteor", 100 * mean_meteor)
     run.write_metrics("metrics.json", metrics, cfg.metrics_out)
-    print(
-        f"\nMETEOR ×100, mean of val_1 and val_2: nearest neighbour {100 * metrics['mean/nearest_neighbour']['METEOR']:.2f}"
-        f" vs most frequent caption {100 * metrics['mean/most_frequent']['METEOR']:.2f}  (run: {run.path})"
-    )
+    print("\n" + comparison_table(metrics, (*BASELINES, "warm_start")) + f"\n(run: {run.path})")
+
+
+def comparison_table(metrics: dict[str, dict], methods: tuple[str, ...]) -> str:
+    """METEOR, BLEU@4 and CIDEr (×100) of each method on each split, and the mean METEOR."""
+    header = ["method", *(f"{s} {m}" for s in SPLITS for m in ("METEOR", "Bleu_4", "CIDEr")), "mean METEOR"]
+    rows = [
+        [
+            name,
+            *(
+                f"{100 * metrics[f'{s}/{name}'][m]:.2f}"
+                for s in SPLITS
+                for m in ("METEOR", "Bleu_4", "CIDEr")
+            ),
+            f"{100 * metrics[f'mean/{name}']['METEOR']:.2f}",
+        ]
+        for name in methods
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _read_train_captions(cfg: Config) -> list[str]:
@@ -110,13 +167,3 @@ def pooled_features(cfg: Config, dataset: CaptionDataset, name: str) -> torch.Te
 def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Index of the most cosine-similar key for every query (the lowest index wins a tie)."""
     return (queries @ keys.T).argmax(dim=1)
-
-
-def submission_of(dataset: CaptionDataset, sentences: list[str]) -> dict:
-    """The official submission format, segments in file order with their exact CSV timestamps."""
-    results: dict[str, list[dict]] = {}
-    for segment, sentence in zip(dataset.segments, sentences, strict=True):
-        results.setdefault(segment.video_id, []).append(
-            {"sentence": sentence, "timestamp": [segment.start, segment.end]}
-        )
-    return {"version": "VERSION 1.0", "external_data": {"used": False, "details": ""}, "results": results}

@@ -1,7 +1,9 @@
 """`main.py --procedure eval`: score a predictions file and write the metrics JSON.
 
 `--task captioning`: a dense-captioning submission, scored with the official metrics; prints the table (×100)
-and a provenance line; the metrics JSON holds fractions in [0, 1].
+and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pretrained_model_dir DIR` instead of
+`--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning`; this path, and
+only this one, imports torch).
 `--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k; prints one
 line per metric. Neither task imports torch.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, Report
+from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.formats import load_submission
 from evaluation.ranking import read_predictions, score_predictions
 from utilities.config import Config
@@ -40,8 +42,15 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
 
 
 def evaluate_captioning(cfg: Config, run: RunDir) -> None:
+    if not cfg.submission and cfg.rl_pretrained_model_dir:
+        from epoch_loops.captioning import validate_checkpoint_procedure
+
+        validate_checkpoint_procedure(cfg, run)
+        return
     if not cfg.submission:
-        raise InputError("--procedure eval needs --submission PRED.json")
+        raise InputError(
+            "--procedure eval needs --submission PRED.json (or --rl_pretrained_model_dir DIR to validate a checkpoint)"
+        )
     for what, path in [
         ("--submission", cfg.submission),
         *(("--reference_paths", p) for p in cfg.reference_paths),
@@ -60,16 +69,3 @@ def evaluate_captioning(cfg: Config, run: RunDir) -> None:
     print(report.provenance())
     print(format_table(report))
     run.write_metrics("metrics.json", report.metrics, cfg.metrics_out)
-
-
-def format_table(report: Report) -> str:
-    """One row per tIoU plus the average, values ×100 with 4 decimals."""
-    names = list(report.metrics[AVERAGE_KEY])
-    header = ["tIoU", *names]
-    rows = [[key, *(f"{100 * row[m]:.4f}" for m in names)] for key, row in report.metrics.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        " | ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=False)) for r in [header, *rows]
-    ]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)

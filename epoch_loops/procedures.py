@@ -31,6 +31,8 @@ PROCEDURES: dict[str, Procedure] = {
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
     "train_critic": Procedure("epoch_loops.critic:train_critic"),
+    "train_rl_cap": Procedure("epoch_loops.captioning:train_rl_cap"),
+    "predict": Procedure("epoch_loops.predict:predict"),
 }
 
 log = logging.getLogger(__name__)

@@ -74,6 +74,19 @@ class Report:
         )
 
 
+def format_table(report: Report) -> str:
+    """One row per tIoU plus the average, values ×100 with 4 decimals."""
+    names = list(report.metrics[AVERAGE_KEY])
+    header = ["tIoU", *names]
+    rows = [[key, *(f"{100 * row[m]:.4f}" for m in names)] for key, row in report.metrics.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        " | ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=False)) for r in [header, *rows]
+    ]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
 # ---- per-pair and per-video scoring ---------------------------------------------------------------------------
 def rouge_l(hyp: str, ref: str, beta: float = 1.2) -> float:
     """pycocoevalcap's ROUGE-L of one pair (same formula), with a bit-parallel LCS length."""

@@ -179,13 +179,14 @@ def test_seeded_shuffle_and_workers_with_hdf5(real_subset, tmp_path):
 
 def test_a_tiny_model_trains_on_real_annotation_batches(real_subset, tmp_path):
     """End to end: real annotations + features in the original layout → batches → loss → optimiser step."""
-    from datasets.embeddings import WordEmbedding, embedding_matrix
+    from datasets.embeddings import embedding_matrix
+    from model.blocks import VocabularyEmbedder
 
     train_csv, _, vocab = real_subset
     dataset = build_caption_dataset(config(tmp_path, skip_missing_features=True), train_csv, vocab)
     loader = CaptionLoader(dataset, batch_size=32, shuffle=True, seed=0)
     torch.manual_seed(0)
-    embed = WordEmbedding(embedding_matrix("random", vocab.itos, 16))
+    embed = VocabularyEmbedder(embedding_matrix("random", vocab.itos, 16))
     video_proj, out = torch.nn.Linear(1024, 16), torch.nn.Linear(16, len(vocab))
     optimiser = torch.optim.Adam([*video_proj.parameters(), *out.parameters()], lr=1e-2)
     losses = []

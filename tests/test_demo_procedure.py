@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from datasets.activitynet import read_captions_csv
 from main import main
 from tests.conftest import requires_java
 
 
+@pytest.mark.slow
 @requires_java
-def test_demo_scores_the_retrieval_baseline_above_the_constant_one(tmp_path, capsys):
+def test_demo_agent_beats_both_baselines(tmp_path, capsys):
+    """Issue 9's acceptance: the agent after the warm start is ≥ 15 METEOR points (×100) above the most frequent
+    caption and not below the nearest neighbour (mean of val_1 and val_2)."""
     argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
-    assert main([*argv, "--exp_name", "run", "--num_workers", "0"]) == 0
+    out_json = tmp_path / "m.json"
+    assert main([*argv, "--exp_name", "run", "--num_workers", "0", "--metrics_out", str(out_json)]) == 0
     run = tmp_path / "log" / "demo" / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(out_json.read_text())
+    assert metrics == json.loads((run / "metrics.json").read_text())
     nn, constant = metrics["mean/nearest_neighbour"]["METEOR"], metrics["mean/most_frequent"]["METEOR"]
+    agent = metrics["mean/warm_start"]["METEOR"]
     assert nn > constant + 0.05, "the demo features must carry the captions' content"
+    assert agent >= constant + 0.15 and agent >= nn, (agent, nn, constant)
+    assert agent == pytest.approx(
+        (metrics["val_1/warm_start"]["METEOR"] + metrics["val_2/warm_start"]["METEOR"]) / 2
+    )
     assert metrics["val_1/nearest_neighbour"]["Recall"] == 1.0
 
     submission = json.loads((run / "captioning_results_val_1_nearest_neighbour.json").read_text())
@@ -25,11 +37,17 @@ def test_demo_scores_the_retrieval_baseline_above_the_constant_one(tmp_path, cap
     assert submission["results"][first.video_id][0]["timestamp"] == [first.start, first.end]
     assert sum(len(v) for v in submission["results"].values()) == len(segments)
     assert json.loads((run / "config.json").read_text())["train_meta_path"].endswith("train.csv")
+    assert (run / "agent" / "captioning_results_val_2_e7.json").is_file()
+    table = capsys.readouterr().out.split("mean METEOR")[-1]
+    assert all(name in table for name in ("most_frequent", "nearest_neighbour", "warm_start"))
 
-    capsys.readouterr()
+
+def test_demo_dry_run_counts_the_agent(tmp_path, capsys):
+    argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
     assert main([*argv, "--exp_name", "dry", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "vocabulary size: " in out and "trainable parameters: " in out and "METEOR" not in out
+    assert not (tmp_path / "log" / "demo" / "dry").exists()
 
 
 def test_demo_without_working_java_is_a_one_line_error(tmp_path, capsys, monkeypatch):

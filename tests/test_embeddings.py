@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.embeddings import WordEmbedding, cache_paths, embedding_matrix, glove_matrix, load_glove
+from datasets.embeddings import cache_paths, embedding_matrix, glove_matrix, load_glove
+from model.blocks import VocabularyEmbedder
 from utilities.errors import InputError
 
 GLOVE = "\n".join(
@@ -75,8 +76,8 @@ def test_random_embeddings_are_seeded():
 
 def test_word_embedding_scales_by_sqrt_d_and_is_frozen_by_default():
     weights = torch.arange(12.0).reshape(3, 4)
-    frozen = WordEmbedding(weights)
+    frozen = VocabularyEmbedder(weights)
     out = frozen(torch.tensor([[2, 0]]))
     torch.testing.assert_close(out, weights[[2, 0]][None] * math.sqrt(4))
     assert not any(p.requires_grad for p in frozen.parameters())
-    assert all(p.requires_grad for p in WordEmbedding(weights, trainable=True).parameters())
+    assert all(p.requires_grad for p in VocabularyEmbedder(weights, trainable=True).parameters())

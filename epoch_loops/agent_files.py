@@ -1,0 +1,194 @@
+"""The BMHRL checkpoint folder: build the agent and its value functions from the flags or from a folder, save one.
+
+A folder `checkpoints/E_<epoch>/` (spec §4.7) holds, as the original's:
+- `bm_hrl_agent.pt`, `bm_worker_value_function.pt`, `bm_manager_value_function.pt`: plain state dicts in the
+  original key layout (no `module.` prefix; the fusion feed-forward layers the original creates but never applies
+  are absent; with `--segmenter heuristic` there are no `critic.*` keys);
+and, ours only:
+- `vocabulary.json` (the itos list the weights belong to) and `agent_config.json` (the agent's sizes), so a
+  folder is self-describing: predict and eval need neither GloVe nor size flags;
+- `training_state.pt`: optimiser, scheduler, counters, metric history and RNG states for an exact `--resume`.
+
+A released folder (only the three `.pt` files) needs its vocabulary via `--vocab_path`; its sizes come from the
+flags (the paper's defaults) and its segment critic from the `critic.*` keys of `bm_hrl_agent.pt`.
+Every file is loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from datasets.embeddings import embedding_matrix
+from datasets.vocabulary import Vocabulary
+from model.bmhrl import (
+    AgentConfig,
+    BMHRLAgent,
+    ValueFunction,
+    load_original_state_dict,
+    manager_value_function,
+    worker_value_function,
+)
+from utilities.checkpoint import load_checkpoint
+from utilities.errors import InputError
+from utilities.files import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+AGENT_FILE = "bm_hrl_agent.pt"
+WORKER_VALUE_FILE = "bm_worker_value_function.pt"
+MANAGER_VALUE_FILE = "bm_manager_value_function.pt"
+VOCABULARY_FILE = "vocabulary.json"
+AGENT_CONFIG_FILE = "agent_config.json"
+TRAINING_FILE = "training_state.pt"
+
+
+@dataclass
+class Agents:
+    """The agent, its two value functions and the vocabulary they were built for."""
+
+    agent: BMHRLAgent
+    worker_value: ValueFunction
+    manager_value: ValueFunction
+    vocab: Vocabulary
+
+    def to(self, device) -> Agents:
+        for module in (self.agent, self.worker_value, self.manager_value):
+            module.to(device)
+        return self
+
+
+def build_agents(
+    agent_cfg: AgentConfig, vocab: Vocabulary, word_vectors: torch.Tensor | None = None, seed: int = 0
+) -> Agents:
+    """Fresh modules of the given sizes; the agent's exploration/sampling generator is seeded with `seed`."""
+    agent = BMHRLAgent(
+        len(vocab),
+        agent_cfg,
+        word_vectors=word_vectors,
+        itos=vocab.itos,
+        pad_idx=vocab.pad_idx,
+        start_idx=vocab.start_idx,
+        end_idx=vocab.end_idx,
+    )
+    agent.rng.manual_seed(seed)
+    return Agents(agent, worker_value_function(agent_cfg), manager_value_function(agent_cfg), vocab)
+
+
+def new_agents(cfg, vocab: Vocabulary, load_weights: bool = True) -> Agents:
+    """Agents for a run from scratch: sizes from the flags, word vectors from `--word_emb_caps`, the segment
+    critic from `--rl_critic_path` (with `--segmenter critic`). `load_weights=False` (the dry run) reads
+    neither file."""
+    agent_cfg = AgentConfig.from_config(cfg)
+    vectors = None
+    if load_weights:
+        vectors = embedding_matrix(cfg.word_emb_caps, vocab.itos, agent_cfg.d_model_caps, cfg.seed)
+    agents = build_agents(agent_cfg, vocab, vectors, cfg.seed)
+    if load_weights and agent_cfg.segmenter == "critic":
+        path = Path(cfg.rl_critic_path)
+        if not path.is_file():
+            raise InputError(
+                f"--rl_critic_path {path}: segment critic not found (train one with --procedure train_critic, "
+                "use the released critic.cp, or pass --segmenter heuristic)"
+            )
+        load_original_state_dict(agents.agent.critic, load_checkpoint(path), str(path))
+    return agents
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    return (folder / AGENT_FILE).is_file()
+
+
+def load_agents(cfg, directory: str | Path, with_value_functions: bool = True) -> Agents:
+    """Our checkpoint folder or a released one (see the module docstring). Errors name the file and what does
+    not fit: a missing file, wrong keys or shapes, a vocabulary of another size."""
+    folder = Path(directory)
+    if folder.is_file() and folder.name == AGENT_FILE:
+        folder = folder.parent
+    if not is_checkpoint_folder(folder):
+        raise InputError(f"--rl_pretrained_model_dir {folder}: no {AGENT_FILE} there")
+    agent_state = load_checkpoint(folder / AGENT_FILE)
+    if (folder / AGENT_CONFIG_FILE).is_file():
+        agent_cfg, vocab = _our_description(cfg, folder)
+    else:
+        agent_cfg, vocab = _released_description(cfg, folder, agent_state)
+    agents = build_agents(agent_cfg, vocab, seed=cfg.seed)
+    dropped = load_original_state_dict(agents.agent, agent_state, str(folder / AGENT_FILE))
+    if dropped:
+        log.info(
+            "%s: dropped the original's %d never-applied fusion feed-forward tensors (%s, ...)",
+            folder / AGENT_FILE,
+            len(dropped),
+            dropped[0],
+        )
+    if with_value_functions:
+        for module, name in (
+            (agents.worker_value, WORKER_VALUE_FILE),
+            (agents.manager_value, MANAGER_VALUE_FILE),
+        ):
+            load_original_state_dict(module, load_checkpoint(folder / name), str(folder / name))
+    log.info("loaded %s (%s checkpoint, |V| = %d)", folder, agent_cfg.mode, len(vocab))
+    return agents
+
+
+def _our_description(cfg, folder: Path) -> tuple[AgentConfig, Vocabulary]:
+    saved = read_json(folder / AGENT_CONFIG_FILE)
+    try:
+        agent_cfg = AgentConfig(**saved)
+    except TypeError as e:
+        raise InputError(f"{folder / AGENT_CONFIG_FILE}: not an agent configuration ({e})") from None
+    vocab = Vocabulary.load(folder / VOCABULARY_FILE)
+    if cfg.vocab_path and Vocabulary.load(cfg.vocab_path) != vocab:
+        raise InputError(
+            f"--vocab_path {cfg.vocab_path} differs from the vocabulary saved with {folder} "
+            f"({folder / VOCABULARY_FILE}); leave --vocab_path out to use the checkpoint's"
+        )
+    return agent_cfg, vocab
+
+
+def _released_description(cfg, folder: Path, state: dict) -> tuple[AgentConfig, Vocabulary]:
+    if not cfg.vocab_path:
+        raise InputError(
+            f"{folder} is a released checkpoint (no {VOCABULARY_FILE}): give the vocabulary its weights were "
+            "trained with via --vocab_path (one token per line or a JSON list; the first four entries are "
+            "unk, pad, start, end)"
+        )
+    vocab = Vocabulary.load(cfg.vocab_path)
+    has_critic = any(k.removeprefix("module.").startswith("critic.") for k in state)
+    agent_cfg = replace(AgentConfig.from_config(cfg), segmenter="critic" if has_critic else "heuristic")
+    return agent_cfg, vocab
+
+
+def save_agents(folder: Path, agents: Agents, training: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder atomically (written beside, then renamed over `folder`): an interruption
+    leaves the previous folder of that name intact."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        _save(tmp / AGENT_FILE, agents.agent.state_dict())
+        _save(tmp / WORKER_VALUE_FILE, agents.worker_value.state_dict())
+        _save(tmp / MANAGER_VALUE_FILE, agents.manager_value.state_dict())
+        _write_text(tmp / VOCABULARY_FILE, json.dumps(agents.vocab.to_list(), ensure_ascii=False) + "\n")
+        _write_text(tmp / AGENT_CONFIG_FILE, json.dumps(asdict(agents.agent.cfg), indent=2) + "\n")
+        if training is not None:
+            _save(tmp / TRAINING_FILE, training)
+    return folder
+
+
+def _save(path: Path, state: dict) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,80 @@
+"""`main.py --procedure predict`: captions for given segments of one video.
+
+    python main.py --procedure predict --rl_pretrained_model_dir DIR [--vocab_path V.json] \\
+        --video_features_path VDIR --audio_features_path ADIR --video_id ID --duration SECONDS \\
+        --timestamps S1 E1 [S2 E2 ...] [--beam_size 1] --predictions_out OUT.json
+
+The checkpoint is ours (sizes and vocabulary inside) or a released one (`--vocab_path`, paper sizes). Features in
+the original layout (`VDIR/ID_rgb.npy` + `VDIR/ID_flow.npy`, `ADIR/ID.npy`; BMT's sample naming
+`ADIR/ID_vggish.npy` is accepted too) or packed HDF5 files. Each segment is cropped with the original rule
+(`datasets.features.crop_indices`) and decoded on its own (batch size 1, as the original's single-video path),
+so greedy decoding gives the original's captions for the same weights. Output, printed and written to
+`--predictions_out`: `[{"start": S, "end": E, "sentence": "..."}]` in the order given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.features import crop_indices, load_npy, open_feature_store
+from epoch_loops.agent_files import load_agents
+from epoch_loops.captioning import caption_text, decode
+from utilities.config import Config
+from utilities.errors import InputError
+from utilities.files import write_json_atomic
+from utilities.run_dir import RunDir
+
+
+def predict(cfg: Config, run: RunDir) -> None:
+    segments = requested_segments(cfg)
+    if not cfg.rl_pretrained_model_dir:
+        raise InputError("predict needs --rl_pretrained_model_dir DIR (a checkpoint folder)")
+    agents = load_agents(cfg, cfg.rl_pretrained_model_dir, with_value_functions=False)
+    agent = agents.agent.to(torch.device(cfg.device)).eval()
+    features = {m: full_features(cfg, m, agent.cfg) for m in agent.modalities}
+    results = []
+    for start, end in segments:
+        crops = {}
+        for modality, rows in features.items():
+            i0, i1 = crop_indices(len(rows), start, end, cfg.duration)
+            crops[modality] = torch.tensor(rows[i0:i1], device=cfg.device)[None]
+        tokens = decode(agent, crops.get("video"), None, crops.get("audio"), None, cfg)
+        results.append(
+            {"start": start, "end": end, "sentence": caption_text(tokens[0].tolist(), agents.vocab)}
+        )
+    if cfg.predictions_out:
+        write_json_atomic(cfg.predictions_out, results)
+    print(json.dumps(results, indent=2))
+
+
+def requested_segments(cfg: Config) -> list[tuple[float, float]]:
+    """(start, end) pairs from --timestamps, each inside [0, --duration] with start < end."""
+    if not cfg.video_id or cfg.duration is None or not cfg.timestamps:
+        raise InputError("predict needs --video_id ID, --duration SECONDS and --timestamps S1 E1 [S2 E2 ...]")
+    if not (np.isfinite(cfg.duration) and cfg.duration > 0):
+        raise InputError(f"--duration {cfg.duration}: must be a positive number of seconds")
+    if len(cfg.timestamps) % 2:
+        raise InputError(f"--timestamps: expected start/end pairs, got {len(cfg.timestamps)} numbers")
+    pairs = list(zip(cfg.timestamps[::2], cfg.timestamps[1::2], strict=True))
+    for k, (start, end) in enumerate(pairs, 1):
+        if not (0 <= start < end <= cfg.duration):
+            raise InputError(
+                f"--timestamps segment {k} ({start}, {end}) is not inside the video: expected "
+                f"0 <= start < end <= --duration {cfg.duration}"
+            )
+    return pairs
+
+
+def full_features(cfg: Config, modality: str, agent_cfg) -> np.ndarray:
+    """All feature rows of `--video_id` for one modality (video = rgb + flow), from a directory or an .h5."""
+    if modality == "video":
+        return open_feature_store(cfg.video_features_path, "video", agent_cfg.d_vid).rows(cfg.video_id)
+    folder = Path(cfg.audio_features_path)
+    sample_name = folder / f"{cfg.video_id}_vggish.npy"
+    if folder.is_dir() and not (folder / f"{cfg.video_id}.npy").is_file() and sample_name.is_file():
+        return load_npy(sample_name, agent_cfg.d_aud)
+    return open_feature_store(folder, "audio", agent_cfg.d_aud).rows(cfg.video_id)
