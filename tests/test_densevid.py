@@ -214,6 +214,7 @@ def test_result_does_not_depend_on_garbage_letters_and_missing_videos_count_zero
 
 
 @requires_java
+@pytest.mark.slow
 def test_reproduces_official_numbers_on_bmt_predictions(shared_data):
     expected = {
         1: [21.7718, 10.5555, 4.6822, 2.0706, 10.7377, 22.5057, 42.5345, 100, 100],
@@ -230,6 +231,8 @@ def test_reproduces_official_numbers_on_bmt_predictions(shared_data):
             assert [round(100 * row[m], 4) for m in names] == values, f"val_{split}"
 
 
+@requires_java
+@pytest.mark.slow
 def test_matches_the_official_algorithm_on_perturbed_real_predictions(shared_data, tmp_path):
     """Several tIoUs, two reference files, unmatched, truncated, missing and unknown predictions, non-ASCII:
     the evaluator equals a direct implementation of the official algorithm (tests/densevid_reference.py)."""
