@@ -30,6 +30,10 @@ PROCEDURES: dict[str, Procedure] = {
     "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
+    "pointwise": Procedure("epoch_loops.ranking:pointwise"),
+    "reward": Procedure("epoch_loops.ranking:reward"),
+    "ppo": Procedure("epoch_loops.ranking_ppo:ppo"),
+    "export_ranking": Procedure("epoch_loops.ranking:export_ranking"),
 }
 
 log = logging.getLogger(__name__)
