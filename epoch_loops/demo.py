@@ -26,6 +26,7 @@ from datasets.demo import ensure_demo_dataset
 from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
 from epoch_loops.evaluate import format_table
+from epoch_loops.ranking_demo import ranking_demo
 from evaluation.densevid import DenseCaptioningEvaluator
 from evaluation.meteor import Meteor
 from utilities.config import Config
@@ -82,6 +83,7 @@ def demo(cfg: Config, run: RunDir) -> None:
         metrics[f"mean/{name}"] = {"METEOR": mean_meteor}
         if run.writer is not None:
             run.writer.add_scalar(f"demo/{name}_meteor", 100 * mean_meteor)
+    metrics.update(ranking_demo(cfg, run))
     run.write_metrics("metrics.json", metrics, cfg.metrics_out)
     print(
         f"\nMETEOR ×100, mean of val_1 and val_2: nearest neighbour {100 * metrics['mean/nearest_neighbour']['METEOR']:.2f}"

@@ -281,3 +281,29 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
     assert main([*stage_argv(demo, tmp_path, "pointwise", "cut", *common), "--resume", str(last)]) == 0
     resumed = json.loads((tmp_path / "pointwise" / "cut" / "metrics.json").read_text())
     assert resumed == full
+
+
+@pytest.mark.slow
+def test_demo_ppo_beats_the_pointwise_model_on_the_target_domain(tmp_path):
+    """Issue 11's acceptance on the demo (about a minute): reward accuracy ≥ 0.7 on held-out target comparisons,
+    and both PPO objectives above the source-trained scorer on the target test split."""
+    from epoch_loops.ranking_demo import ranking_demo
+    from utilities.run_dir import RunDir
+
+    argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]
+    cfg = config_from_argv(build_parser(), [*argv, "--device", "cpu", "--exp_name", "run"])
+    with RunDir.open(cfg) as run:
+        metrics = ranking_demo(cfg, run)
+    assert set(metrics) == {"ranking/pointwise", "ranking/reward", "ranking/ppo_lr2ppo", "ranking/ppo_clip"}
+    assert metrics["ranking/reward"]["pair_accuracy"] >= 0.7
+    before = metrics["ranking/pointwise"]["NDCG@all"]
+    assert metrics["ranking/ppo_lr2ppo"]["NDCG@all"] > before
+    assert metrics["ranking/ppo_clip"]["NDCG@all"] > before
+    assert set(metrics["ranking/ppo_clip"]) >= {
+        "NDCG@1",
+        "NDCG@3",
+        "NDCG@5",
+        "NDCG@10",
+        "NDCG@20",
+        "NDCG@all",
+    }
