@@ -11,7 +11,7 @@ import sys
 
 from epoch_loops.procedures import PROCEDURES, run_procedure
 from utilities.config import BoolFlag, OneLineErrorParser, config_from_argv
-from utilities.errors import InputError, ToolError
+from utilities.errors import InputError, ToolError, TrainingError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="NDCG of a clip without relevant labels (ideal DCG 0): 1 as LR2PPO/LightGBM, 0 as allRank",
     )
+    add_ranking_flags(ranking)
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
@@ -267,11 +268,142 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
+    """LR2PPO's stages (pointwise, reward, ppo), their checkpoints and model sizes; the original's flag names."""
+    ranking.add_argument(
+        "--train_path", default=None, help="training clip list (JSON; the pair file for reward)"
+    )
+    ranking.add_argument("--dev_path", default=None, help="validation clip list: selects the checkpoint")
+    ranking.add_argument(
+        "--test_path", default=None, help="test clip list: reported for the selected checkpoint"
+    )
+    ranking.add_argument(
+        "--features_h5", default=None, help="feature HDF5 (clean_feat.h5): text_emb, img_emb"
+    )
+    ranking.add_argument(
+        "--pretrained_model_path",
+        default=None,
+        help="pointwise: optional scorer to start from; reward: optional scorer whose trunk starts the reward "
+        "model; ppo: the actor (stage-1 checkpoint); eval/export: the checkpoint (ours or a released .bin)",
+    )
+    ranking.add_argument(
+        "--reward_model_path", default=None, help="ppo: the reward model and critic (stage-2 checkpoint)"
+    )
+    ranking.add_argument("--learning_rate", type=float, default=2e-5, help="AdamW peak lr (actor in ppo)")
+    ranking.add_argument(
+        "--critic_learning_rate",
+        type=float,
+        default=1e-5,
+        help="ppo: critic AdamW peak lr (the original's nominal 1e-3 was effectively <= 1.2e-5, spec 5.1)",
+    )
+    ranking.add_argument(
+        "--ranking_weight_decay", type=float, default=0.01, help="AdamW weight decay (0 for biases and norms)"
+    )
+    ranking.add_argument("--batch_size", type=int, default=32, help="clips (pointwise), pairs (reward, ppo)")
+    ranking.add_argument("--epochs_num", type=int, default=3, help="passes over the training list")
+    ranking.add_argument(
+        "--report_steps", type=int, default=100, help="pointwise/reward: validate every this many steps"
+    )
+    ranking.add_argument(
+        "--warmup", type=float, default=0.1, help="fraction of the optimiser steps with linear lr warm-up"
+    )
+    ranking.add_argument(
+        "--max_tags",
+        type=int,
+        default=32,
+        help="pointwise: labels per training clip (cut or cycled); ppo: random label pairs per clip per epoch",
+    )
+    ranking.add_argument(
+        "--frame_order",
+        default="random",
+        choices=["random", "stored"],
+        help="training frame order (evaluation always uses the stored order): random = the original's shuffle",
+    )
+    ranking.add_argument("--margin", type=float, default=1.0, help="reward: margin of the ranking hinge loss")
+    ranking.add_argument(
+        "--reward_val_triplets",
+        type=int,
+        default=100,
+        help="reward: comparisons drawn per dev/test clip (one label of each level, spec 3.3)",
+    )
+    ranking.add_argument(
+        "--ppo_objective",
+        default="lr2ppo",
+        choices=["lr2ppo", "clip"],
+        help="lr2ppo: the paper's |advantage|-weighted pairwise hinge (bugs fixed); clip: ratio-clipped PPO "
+        "over a Plackett-Luce ranking policy",
+    )
+    ranking.add_argument(
+        "--update_timesteps", type=int, default=200, help="ppo: rollout batches collected per update"
+    )
+    ranking.add_argument("--ppo_epochs", type=int, default=1, help="ppo: passes over each rollout")
+    ranking.add_argument(
+        "--minibatch_size",
+        type=int,
+        default=None,
+        help="ppo: pairs per update minibatch (None: --batch_size)",
+    )
+    ranking.add_argument("--eps_clip", type=float, default=0.2, help="ppo clip: ratio clip range")
+    ranking.add_argument(
+        "--kl_div_loss_weight",
+        type=float,
+        default=0.001,
+        help="ppo: KL weight (lr2ppo: to the rollout policy, also taken off the reward; clip: to the initial "
+        "policy)",
+    )
+    ranking.add_argument("--entropy_weight", type=float, default=0.001, help="ppo: entropy bonus weight")
+    ranking.add_argument(
+        "--value_clip", type=float, default=0.5, help="ppo: the critic's value moves at most this per rollout"
+    )
+    ranking.add_argument(
+        "--pl_temperature", type=float, default=1.0, help="ppo clip: Plackett-Luce temperature on the scores"
+    )
+    ranking.add_argument(
+        "--advantage_threshold",
+        type=float,
+        default=-0.1,
+        help="ppo lr2ppo: keep the actor's order when the advantage is at least this, else swap it",
+    )
+    ranking.add_argument(
+        "--rank_margin", type=float, default=0.01, help="ppo lr2ppo: margin of the pairwise score hinge"
+    )
+    ranking.add_argument(
+        "--cases_out", default=None, help="eval: write per-clip scores, NDCG and predicted order here"
+    )
+    ranking.add_argument("--export_path", default=None, help="export_ranking: the file to write")
+    ranking.add_argument(
+        "--export_format",
+        default="released",
+        choices=["released", "ours"],
+        help="export_ranking: released = the original's plain .bin state dict; ours = our checkpoint (with the "
+        "model sizes), e.g. from a released .bin",
+    )
+    ranking.add_argument("--seq_length", type=int, default=196, help="text tokens per label")
+    ranking.add_argument("--max_imgs", type=int, default=16, help="frame slots per clip")
+    ranking.add_argument("--visual_feat_dim", type=int, default=768, help="frame feature / model width")
+    ranking.add_argument("--text_feat_dim", type=int, default=768, help="text token feature width")
+    ranking.add_argument("--feedforward_size", type=int, default=3072, help="hidden width of every MLP")
+    ranking.add_argument("--xit_heads", type=int, default=8, help="attention heads of the XiT blocks")
+    ranking.add_argument("--xit_dropout", type=float, default=0.1, help="dropout in the XiT blocks")
+    ranking.add_argument(
+        "--compat_xit_attention",
+        action=BoolFlag,
+        default=False,
+        help="the original's attention (no logit scaling, probabilities divided by sqrt(dim)): released weights",
+    )
+    ranking.add_argument(
+        "--scorer_head",
+        default="flattened",
+        choices=["flattened", "pooled"],
+        help="flattened: the paper's (frame-order dependent); pooled: attention-pooled, order invariant",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return run_procedure(cfg)
-    except (InputError, ToolError) as e:
+    except (InputError, ToolError, TrainingError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
 

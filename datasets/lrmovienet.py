@@ -148,9 +148,10 @@ class ClipFeatures:
         self.seq_length, self.dim = seq_length, dim  # None: taken from the first clip checked
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+        self._datasets: dict[str, tuple[h5py.Dataset, h5py.Dataset]] = {}  # per clip: (text_emb, img_emb)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_pid": None}
+        return {**self.__dict__, "_handle": None, "_pid": None, "_datasets": {}}
 
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
@@ -159,12 +160,23 @@ class ClipFeatures:
             except OSError as e:
                 raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from None
             self._pid = os.getpid()
+            self._datasets = {}
         return self._handle
+
+    def _clip(self, clip_id: str) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """The clip's (text_emb, img_emb) datasets; h5py's path lookups cost more than a small read, so the
+        handles are kept for the life of the file handle."""
+        f = self._file()
+        if clip_id not in self._datasets:
+            group = f[clip_id]
+            self._datasets[clip_id] = (group["text_emb"], group["img_emb"])
+        return self._datasets[clip_id]
 
     def close(self) -> None:
         if self._handle is not None and self._pid == os.getpid():
             self._handle.close()
         self._handle = self._pid = None
+        self._datasets = {}
 
     def check(self, clip_list: ClipList) -> None:
         """Every clip of the list has a group with consistent shapes and at least one text row per label. Uses
@@ -204,15 +216,15 @@ class ClipFeatures:
     def text(self, clip_id: str, labels: np.ndarray) -> np.ndarray:
         """Text features of the given label positions (repeats allowed), [len(labels), S, D] float32."""
         unique, inverse = np.unique(labels, return_inverse=True)
-        rows = self._file()[clip_id]["text_emb"][unique.tolist()]
+        rows = self._clip(clip_id)[0][unique.tolist()]
         return _finite(rows[inverse], f"{self.path}: clip {clip_id} text_emb")
 
     def frames(self, clip_id: str) -> np.ndarray:
         """All F frame features of a clip in stored order, [F, D] float32."""
-        return _finite(self._file()[clip_id]["img_emb"][0], f"{self.path}: clip {clip_id} img_emb")
+        return _finite(self._clip(clip_id)[1][0], f"{self.path}: clip {clip_id} img_emb")
 
     def n_frames(self, clip_id: str) -> int:
-        return self._file()[clip_id]["img_emb"].shape[1]
+        return self._clip(clip_id)[1].shape[1]
 
 
 def _finite(array: np.ndarray, where: str) -> np.ndarray:

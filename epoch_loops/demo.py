@@ -28,6 +28,7 @@ from datasets.demo import ensure_demo_dataset
 from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
 from epoch_loops.captioning import submission_of, train
+from epoch_loops.ranking_demo import ranking_demo
 from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.meteor import Meteor
 from utilities.config import Config
@@ -121,6 +122,7 @@ def demo(cfg: Config, run: RunDir) -> None:
         metrics[f"mean/{name}"] = {"METEOR": mean_meteor}
         if run.writer is not None:
             run.writer.add_scalar(f"demo/{name}_meteor", 100 * mean_meteor)
+    metrics.update(ranking_demo(cfg, run))
     run.write_metrics("metrics.json", metrics, cfg.metrics_out)
     print("\n" + comparison_table(metrics, (*BASELINES, "warm_start")) + f"\n(run: {run.path})")
 

@@ -5,7 +5,8 @@ and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pr
 `--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning`; this path, and
 only this one, imports torch).
 `--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k; prints one
-line per metric. Neither task imports torch.
+line per metric; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead (epoch_loops/ranking.py,
+the only path that imports torch).
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ def evaluate(cfg: Config, run: RunDir) -> None:
 
 
 def evaluate_ranking(cfg: Config, run: RunDir) -> None:
+    """A predictions file (no torch), or a checkpoint that scores `--test_path` (torch imported here only)."""
+    if cfg.pretrained_model_path:
+        from epoch_loops.procedures import resolve_device
+        from epoch_loops.ranking import evaluate_checkpoint
+
+        cfg.device = resolve_device(cfg.device)
+        evaluate_checkpoint(cfg, run)
+        return
     if not cfg.ranking_predictions:
         raise InputError(
-            "--procedure eval --task ranking needs --ranking_predictions P.json "
-            "(scoring a checkpoint directly is not available yet)"
+            "--procedure eval --task ranking needs --ranking_predictions P.json, or --pretrained_model_path CKPT "
+            "with --features_h5 and --test_path"
         )
     metrics = score_predictions(read_predictions(cfg.ranking_predictions), cfg.ndcg_empty_ideal)
     print(

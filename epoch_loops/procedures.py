@@ -33,6 +33,10 @@ PROCEDURES: dict[str, Procedure] = {
     "train_critic": Procedure("epoch_loops.critic:train_critic"),
     "train_rl_cap": Procedure("epoch_loops.captioning:train_rl_cap"),
     "predict": Procedure("epoch_loops.predict:predict"),
+    "pointwise": Procedure("epoch_loops.ranking:pointwise"),
+    "reward": Procedure("epoch_loops.ranking:reward"),
+    "ppo": Procedure("epoch_loops.ranking_ppo:ppo"),
+    "export_ranking": Procedure("epoch_loops.ranking:export_ranking"),
 }
 
 log = logging.getLogger(__name__)

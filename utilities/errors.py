@@ -9,3 +9,8 @@ class InputError(ValueError):
 class ToolError(RuntimeError):
     """An external program (Java: METEOR, the PTB tokenizer) is missing, crashed, timed out or answered
     garbage. The message says which and what happened (with its stderr)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: a loss became NaN or infinite. The message names the step and the last good
+    checkpoint, which is left intact."""

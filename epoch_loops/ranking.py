@@ -1,0 +1,564 @@
+"""LR²PPO stages 1 and 2, and what all its procedures share (spec §5.1–§5.3, §6, §7).
+
+`--procedure pointwise` trains the fusion scorer on graded labels (SmoothL1 on the relevance levels);
+`--procedure reward` trains the pairwise reward model (margin ranking loss); `--procedure ppo`
+(epoch_loops/ranking_ppo.py) adapts the scorer with the frozen reward model. Each stage validates every
+`--report_steps` steps on `--dev_path`, keeps the best weights (`checkpoints/best.pt`) and the full training
+state (`checkpoints/last.pt`, for `--resume`), and at the end reports the selected weights on `--dev_path` and
+`--test_path` in metrics.json. `--procedure export_ranking` converts between our checkpoints and the original's
+`.bin` files, and `eval --task ranking --pretrained_model_path` scores a checkpoint (`evaluate_checkpoint`).
+
+Fixed against the original (spec §8): one AdamW with PyTorch's no-decay groups (biases and norm weights), a
+linear warm-up/decay schedule over the real number of optimiser steps, deterministic evaluation (stored frame
+order, label-position tie rule), the test split reported, a NaN loss stops the run naming the step.
+DDP-ready: no module-level state, losses are per-batch means, and every file write goes through `Saver`, which
+writes on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from datasets.lrmovienet import (
+    ClipDataset,
+    ClipFeatures,
+    LabelBatch,
+    RewardPairDataset,
+    RewardTripletDataset,
+    collate_labels,
+    read_clip_list,
+)
+from evaluation.ranking import SELECTION_METRIC, clip_case, clip_ndcg, mean_ndcg, pair_accuracy
+from model.label_ranking import (
+    FusionScorer,
+    LabelRankingConfig,
+    RewardModel,
+    check_state_layout,
+    count_trainable_parameters,
+    join_ppo_state,
+    split_ppo_state,
+)
+from model.ranking_losses import pointwise_loss, reward_margin_loss
+from utilities.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from utilities.config import Config
+from utilities.errors import InputError, TrainingError
+from utilities.files import write_json_atomic
+from utilities.log import progress
+from utilities.run_dir import RunDir, is_rank0
+from utilities.seeding import seed_worker
+
+log = logging.getLogger(__name__)
+KINDS = ("pointwise", "reward", "ppo")
+
+
+# --- checkpoints: ours and the original's .bin files ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankingWeights:
+    """Model weights read from a checkpoint, in our key layout (= the original's; PPO: `actor.*` + `critic.*`).
+    `saved_config` is our checkpoint's config (model sizes); None for a released `.bin`."""
+
+    kind: str  # pointwise | reward | ppo
+    state: dict[str, Tensor]
+    source: str
+    saved_config: dict[str, Any] | None = None
+
+
+def read_ranking_weights(path: str | Path) -> RankingWeights:
+    """Our checkpoint (`best.pt`/`last.pt`) or a released plain state dict (spec §7), loaded with weights_only.
+    A released file's kind follows from its keys: `actor.*`/`critic.*` PPO, `pos_emb.weight` reward."""
+    state = load_checkpoint(path)
+    if "format_version" in state and "model" in state:
+        kind = state.get("kind")
+        if kind not in KINDS:
+            raise InputError(f"{path}: not a label-ranking checkpoint (kind {kind!r})")
+        return RankingWeights(kind, state["model"], str(path), state.get("config"))
+    stray = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if stray:
+        raise InputError(f"{path}: neither our checkpoint nor a plain state dict (non-tensor {stray[:3]})")
+    if any(k.startswith(("actor.", "critic.")) for k in state):
+        kind = "ppo"
+    elif "pos_emb.weight" in state:
+        kind = "reward"
+    else:
+        kind = "pointwise"
+    return RankingWeights(kind, state, str(path))
+
+
+def model_sizes(cfg: Config, weights: RankingWeights | None = None) -> LabelRankingConfig:
+    """The sizes in our checkpoint's config when there is one (else the flags); `--compat_xit_attention` on the
+    command line or in the checkpoint's config switches the original's attention on."""
+    if weights is None or weights.saved_config is None:
+        return LabelRankingConfig.from_config(cfg)
+    saved = LabelRankingConfig.from_config(Config(**weights.saved_config))
+    return LabelRankingConfig(
+        **{**saved.__dict__, "compat_xit_attention": saved.compat_xit_attention or cfg.compat_xit_attention}
+    )
+
+
+def actor_state(weights: RankingWeights) -> dict[str, Tensor]:
+    """Scorer weights: a pointwise checkpoint, or the actor of a PPO one."""
+    if weights.kind == "pointwise":
+        return weights.state
+    if weights.kind == "ppo":
+        return split_ppo_state(weights.state, weights.source)[0]
+    raise InputError(
+        f"{weights.source}: a reward-model checkpoint; a scorer (pointwise or PPO) is needed here"
+    )
+
+
+def reward_state(weights: RankingWeights) -> dict[str, Tensor]:
+    if weights.kind != "reward":
+        raise InputError(
+            f"{weights.source}: a {weights.kind} checkpoint; a reward-model checkpoint is needed"
+        )
+    return weights.state
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
+    check_state_layout(state, model, source)
+    model.load_state_dict(state)
+    return model
+
+
+def export_ranking(cfg: Config, run: RunDir) -> None:
+    """`--procedure export_ranking --pretrained_model_path IN --export_path OUT [--export_format released|ours]`:
+    released = the original's plain state dict (pointwise / reward / PPO `actor.*`+`critic.*` keys); ours = a
+    checkpoint of ours with the model sizes (from IN, or from the flags for a released `.bin`)."""
+    if not cfg.pretrained_model_path or not cfg.export_path:
+        raise InputError("--procedure export_ranking needs --pretrained_model_path IN and --export_path OUT")
+    weights = read_ranking_weights(cfg.pretrained_model_path)
+    sizes = model_sizes(cfg, weights)
+    with torch.device("meta"):  # checks the layout against the sizes without allocating the model
+        models = {"pointwise": sizes.build_scorer, "reward": sizes.build_reward_model}
+        if weights.kind == "ppo":
+            actor, critic = split_ppo_state(weights.state, weights.source)
+            check_state_layout(actor, sizes.build_scorer(), f"{weights.source} (actor)")
+            check_state_layout(critic, sizes.build_reward_model(), f"{weights.source} (critic)")
+            state = join_ppo_state(actor, critic)
+        else:
+            check_state_layout(weights.state, models[weights.kind](), weights.source)
+            state = weights.state
+    if cfg.export_format == "released":
+        content = dict(state)
+    else:
+        saved = weights.saved_config or {**cfg.to_dict(), **sizes.__dict__}
+        content = weights_checkpoint(weights.kind, state, Config(**saved))
+    if is_rank0():
+        save_checkpoint(cfg.export_path, content)
+    print(f"{weights.kind} checkpoint {weights.source} → {cfg.export_path} ({cfg.export_format} layout)")
+
+
+def weights_checkpoint(kind: str, state: dict[str, Tensor], cfg: Config, **extra: Any) -> dict[str, Any]:
+    """Our weights-only checkpoint: the state dict in the original's keys, the kind and the run's config."""
+    return {"format_version": FORMAT_VERSION, "kind": kind, "model": state, "config": cfg.to_dict(), **extra}
+
+
+@dataclass
+class Saver:
+    """The stage's checkpoint files, written on rank 0 only: `best.pt` (weights of the selected model) and
+    `last.pt` (everything `--resume` needs)."""
+
+    run: RunDir
+    kind: str
+    cfg: Config
+    last: Path | None = None  # the last good training state written, for error messages
+
+    def save_best(self, model: nn.Module, **extra: Any) -> None:
+        if is_rank0():
+            state = weights_checkpoint(self.kind, model.state_dict(), self.cfg, **extra)
+            save_checkpoint(self.run.checkpoints / "best.pt", state)
+
+    def save_last(self, state: dict[str, Any]) -> None:
+        if is_rank0():
+            self.last = save_checkpoint(self.run.checkpoints / "last.pt", {**state, "kind": self.kind})
+
+    def load_best(self, model: nn.Module) -> None:
+        weights = read_ranking_weights(self.run.path / "checkpoints" / "best.pt")
+        load_weights(model, weights.state, weights.source)
+
+    def check_finite(self, loss: Tensor, step: int) -> None:
+        """Stop before a non-finite loss reaches the weights; the last checkpoint on disk stays good."""
+        if not torch.isfinite(loss).all():
+            last = self.last or "none written yet"
+            raise TrainingError(
+                f"{self.kind} step {step}: the loss is {loss.item()}; stopped before the optimiser step "
+                f"(try a lower --learning_rate or --grad_clip). Last good checkpoint: {last}"
+            )
+
+
+# --- data, optimiser, schedule --------------------------------------------------------------------------------
+
+
+def require(cfg: Config, *flags: str) -> None:
+    missing = [f"--{f}" for f in flags if not getattr(cfg, f, None)]
+    if missing:
+        raise InputError(f"--procedure {cfg.procedure} needs {', '.join(missing)}")
+
+
+def open_features(cfg: Config) -> ClipFeatures:
+    return ClipFeatures(cfg.features_h5, seq_length=cfg.seq_length, dim=cfg.text_feat_dim)
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed for a torch.Generator from a tuple of ints (seed, epoch, ...)."""
+    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def loader(
+    cfg: Config, dataset: Dataset, *, epoch: int = 0, shuffle: bool = False, skip_batches: int = 0
+) -> DataLoader:
+    """The batches of one epoch. The order depends on (seed, epoch) only and is cut after `skip_batches`
+    batches, so a resumed run continues exactly where the checkpoint left off; worker seeds come from their own
+    generator, never from the global RNG that dropout draws from."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    if shuffle:
+        order = torch.randperm(
+            len(dataset), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
+        )
+    else:
+        order = torch.arange(len(dataset))
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=order[skip_batches * cfg.batch_size :].tolist(),
+        collate_fn=collate_labels,
+        num_workers=cfg.num_workers,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch, 1)),
+        pin_memory=str(cfg.device).startswith("cuda"),
+    )
+
+
+def adamw(groups: Iterable[tuple[nn.Module, float]], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (eps 1e-6 as the original) with PyTorch's no-decay groups: biases, norm weights and other 1-d
+    parameters get no weight decay (the original decayed LayerNorm weights, spec §8.9). One (module, lr) per
+    model: PPO's actor and critic share one optimiser with their own learning rates."""
+    param_groups = []
+    for module, lr in groups:
+        no_decay = {
+            id(p)
+            for m in module.modules()
+            for name, p in m.named_parameters(recurse=False)
+            if name == "bias" or p.dim() <= 1 or isinstance(m, nn.LayerNorm)
+        }
+        params = [p for p in module.parameters() if p.requires_grad]
+        param_groups += [
+            {"params": [p for p in params if id(p) not in no_decay], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "lr": lr, "weight_decay": 0.0},
+        ]
+    fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, eps=1e-6, fused=fused or None)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup × total_steps` steps, then linear decay towards 0 at `total_steps`. Step t
+    (0-based) uses (t+1)/W during warm-up, so the first step already learns (the original's was at lr 0)."""
+    warmup_steps = round(warmup * total_steps)
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        return max(0.0, (total_steps - t) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimiser_step(
+    cfg: Config, saver: Saver, loss: Tensor, step: int, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> None:
+    """Check, backward, clip (`--grad_clip`), step, schedule."""
+    saver.check_finite(loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
+def print_trainable(*models: nn.Module) -> None:
+    print(f"trainable parameters: {sum(count_trainable_parameters(m) for m in models)}")
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_clips(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> list[np.ndarray]:
+    """Every clip's label scores, in the clip's label order (stored frame order: deterministic)."""
+    scorer.eval()
+    scores = []
+    for batch in loader(cfg, dataset):
+        batch = batch.to(cfg.device)
+        out = scorer(batch.frames, batch.text, batch.mask).float().cpu().numpy()
+        scores += [row[: int(n)] for row, n in zip(out, batch.mask.sum(1).tolist(), strict=True)]
+    return scores
+
+
+def ndcg(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> dict[str, float | int]:
+    """NDCG@k averaged over the dataset's clips (the metrics JSON of `eval --task ranking`)."""
+    scores = score_clips(cfg, scorer, dataset)
+    clips = dataset.clips.clips
+    return mean_ndcg(
+        [clip_ndcg(s, c.targets, cfg.ndcg_empty_ideal) for s, c in zip(scores, clips, strict=True)]
+    )
+
+
+@torch.no_grad()
+def reward_pair_accuracy(cfg: Config, model: RewardModel, dataset: RewardTripletDataset) -> dict[str, float]:
+    """Share of comparisons where R(chosen) > R(rejected), and the mean reward margin."""
+    model.eval()
+    chosen, rejected = [], []
+    for batch in loader(cfg, dataset):
+        batch = batch.to(cfg.device)
+        vectors = model.label_features(batch.frames, batch.text)
+        chosen.append(model.score_slots(vectors, batch.chosen).float().cpu())
+        rejected.append(model.score_slots(vectors, batch.rejected).float().cpu())
+    c, r = torch.cat(chosen).numpy(), torch.cat(rejected).numpy()
+    return {"pair_accuracy": pair_accuracy(c, r), "margin": float(np.mean(c - r)), "comparisons": len(c)}
+
+
+def evaluate_checkpoint(cfg: Config, run: RunDir) -> dict[str, float | int]:
+    """`eval --task ranking --pretrained_model_path CKPT --features_h5 H5 --test_path CLIPS.json`: the scorer
+    (a pointwise checkpoint or a PPO one's actor, ours or released) ranks every clip; writes the metrics JSON
+    and, with `--cases_out`, one case per clip (scores in the clip's label order, NDCG, predicted order)."""
+    require(cfg, "features_h5", "test_path")
+    weights = read_ranking_weights(cfg.pretrained_model_path)
+    sizes = model_sizes(cfg, weights)
+    scorer = load_weights(sizes.build_scorer(), actor_state(weights), weights.source).to(cfg.device)
+    clips = read_clip_list(cfg.test_path)
+    features = ClipFeatures(cfg.features_h5, seq_length=sizes.seq_length, dim=sizes.text_feat_dim)
+    dataset = ClipDataset(clips, features, sizes.max_imgs)
+    scores = score_clips(cfg, scorer, dataset)
+    cases = [
+        clip_case(c.id, c.tags, s, c.targets, cfg.ndcg_empty_ideal)
+        for c, s in zip(clips.clips, scores, strict=True)
+    ]
+    metrics = mean_ndcg([case["ndcg"] for case in cases])
+    print(f"{weights.source} ({weights.kind}) on {cfg.test_path}: {metrics['clips']} clips")
+    print("  ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "clips"))
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+    if cfg.cases_out and is_rank0():
+        write_json_atomic(cfg.cases_out, cases)
+    return metrics
+
+
+# --- stages 1 and 2 -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SupervisedStage:
+    """What differs between stage 1 and stage 2; `train_supervised` is the loop they share."""
+
+    kind: str
+    model: nn.Module
+    train: Dataset
+    loss: Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]
+    evaluate: dict[str, Callable[[nn.Module], dict]]  # "dev" / "test" → metrics
+    selection: str  # the key of the dev metrics that selects the checkpoint
+    logs: dict[str, list[float]] = field(default_factory=dict)
+
+
+def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[str, Any]:
+    model, saver = stage.model, Saver(run, stage.kind, cfg)
+    steps_per_epoch = math.ceil(len(stage.train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs_num
+    optimizer = adamw([(model, cfg.learning_rate)], cfg.ranking_weight_decay)
+    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
+    step, best = 0, None
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, map_location=cfg.device)
+        if state.get("kind") != stage.kind:
+            raise InputError(f"--resume {cfg.resume}: a {state.get('kind')} checkpoint, not {stage.kind}")
+        counters = restore_training_state(state, model, optimizer, scheduler=scheduler, source=cfg.resume)
+        step, best = counters["step"], counters["best_metric"]
+        saver.last = Path(cfg.resume)
+    log.info(
+        "%s: %d samples, %d steps (%d per epoch)", stage.kind, len(stage.train), total_steps, steps_per_epoch
+    )
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        model.train()
+        batches = loader(cfg, stage.train, epoch=epoch, shuffle=True, skip_batches=skip)
+        for batch in progress(batches, desc=f"{stage.kind} epoch {epoch + 1}/{cfg.epochs_num}"):
+            loss, stats = stage.loss(model, batch.to(cfg.device, non_blocking=True))
+            optimiser_step(cfg, saver, loss, step + 1, optimizer, scheduler)
+            step += 1
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                stage.logs.setdefault(name, []).append(float(value))
+            if step % cfg.report_steps and step != total_steps:
+                continue
+            metrics = stage.evaluate["dev"](model)
+            model.train()
+            improved = best is None or metrics[stage.selection] > best
+            if improved:
+                best = metrics[stage.selection]
+                saver.save_best(model, step=step, dev=metrics)
+            saver.save_last(
+                training_state(
+                    model,
+                    optimizer,
+                    cfg,
+                    epoch=step // steps_per_epoch,
+                    step=step,
+                    best_metric=best,
+                    scheduler=scheduler,
+                )
+            )
+            report(run, stage.kind, step, stage.logs, metrics, scheduler.get_last_lr()[0], improved)
+    saver.load_best(model)
+    best_state = load_checkpoint(run.path / "checkpoints" / "best.pt")
+    metrics = {
+        "dev": stage.evaluate["dev"](model),
+        "test": stage.evaluate["test"](model),
+        "selected_step": best_state["step"],
+        "selection": f"dev {stage.selection}",
+    }
+    print(f"{stage.kind}: selected step {metrics['selected_step']} on dev {stage.selection}")
+    for split in ("dev", "test"):
+        print(
+            f"  {split}: "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics[split].items() if isinstance(v, float))
+        )
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+    return metrics
+
+
+def report(
+    run: RunDir, kind: str, step: int, logs: dict[str, list[float]], dev: dict, lr: float, improved: bool
+) -> None:
+    """Log the training means since the last report and the dev metrics; TensorBoard on rank 0."""
+    means = {name: float(np.mean(values)) for name, values in logs.items() if values}
+    logs.clear()
+    shown = {**{f"train/{k}": v for k, v in means.items()}, **{f"dev/{k}": v for k, v in dev.items()}}
+    line = "  ".join(f"{k}={v:.4g}" for k, v in shown.items() if isinstance(v, float))
+    log.info(
+        "%s %s %d lr %.3g %s%s",
+        kind,
+        "update" if kind == "ppo" else "step",
+        step,
+        lr,
+        line,
+        "  (best)" if improved else "",
+    )
+    if run.writer is not None:
+        for name, value in shown.items():
+            if isinstance(value, float):
+                run.writer.add_scalar(f"{kind}/{name}", value, step)
+        run.writer.add_scalar(f"{kind}/lr", lr, step)
+
+
+def _pointwise_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    return pointwise_loss(model(batch.frames, batch.text, batch.mask), batch.targets, batch.mask), {}
+
+
+def _reward_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]:
+    def loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        vectors = model.label_features(batch.frames, batch.text)  # one trunk pass for chosen and rejected
+        chosen = model.score_slots(vectors, batch.chosen)
+        rejected = model.score_slots(vectors, batch.rejected)
+        return reward_margin_loss(chosen, rejected, margin), {"accuracy": (chosen > rejected).float().mean()}
+
+    return loss
+
+
+def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
+    """Stage 1: the fusion scorer on graded labels (`--train_path` first_stage_data.json)."""
+    sizes = LabelRankingConfig.from_config(cfg)
+    if cfg.dry_run:
+        with torch.device("meta"):
+            print_trainable(sizes.build_scorer())
+        return None
+    require(cfg, "train_path", "dev_path", "test_path", "features_h5")
+    model = sizes.build_scorer()
+    if cfg.pretrained_model_path:
+        weights = read_ranking_weights(cfg.pretrained_model_path)
+        load_weights(model, actor_state(weights), weights.source)
+    model.to(cfg.device)
+    print_trainable(model)
+    features = open_features(cfg)
+    train = ClipDataset(
+        read_clip_list(cfg.train_path), features, cfg.max_imgs, cfg.max_tags, cfg.frame_order, cfg.seed
+    )
+    splits = {
+        s: ClipDataset(read_clip_list(getattr(cfg, f"{s}_path")), features, cfg.max_imgs)
+        for s in ("dev", "test")
+    }
+    stage = SupervisedStage(
+        "pointwise",
+        model,
+        train,
+        _pointwise_loss,
+        {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()},
+        SELECTION_METRIC,
+    )
+    return train_supervised(cfg, run, stage)
+
+
+def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
+    """Stage 2: the reward model on preference pairs (`--train_path` the pair file); pair accuracy on
+    comparisons drawn from the graded dev/test clips (spec §3.3). `--pretrained_model_path` (a scorer) starts
+    its trunk from stage 1 (the original started from scratch, spec §8.13)."""
+    sizes = LabelRankingConfig.from_config(cfg)
+    if cfg.dry_run:
+        with torch.device("meta"):
+            print_trainable(sizes.build_reward_model())
+        return None
+    require(cfg, "train_path", "dev_path", "test_path", "features_h5")
+    model = sizes.build_reward_model()
+    if cfg.pretrained_model_path:
+        weights = read_ranking_weights(cfg.pretrained_model_path)
+        trunk = {k: v for k, v in actor_state(weights).items() if not k.startswith("head.")}
+        own = {
+            k: v
+            for k, v in model.state_dict().items()
+            if k.startswith(tuple(f"{n}." for n in ("pos_emb", "xitt", "head")))
+        }
+        load_weights(model, {**trunk, **own}, weights.source)
+    model.to(cfg.device)
+    print_trainable(model)
+    features = open_features(cfg)
+    train = RewardPairDataset(
+        read_clip_list(cfg.train_path, with_pairs=True), features, cfg.max_imgs, cfg.frame_order, cfg.seed
+    )
+    splits = {
+        s: RewardTripletDataset(
+            read_clip_list(getattr(cfg, f"{s}_path")),
+            features,
+            cfg.max_imgs,
+            cfg.seed,
+            cfg.reward_val_triplets,
+        )
+        for s in ("dev", "test")
+    }
+    stage = SupervisedStage(
+        "reward",
+        model,
+        train,
+        _reward_loss(cfg.margin),
+        {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()},
+        "pair_accuracy",
+    )
+    return train_supervised(cfg, run, stage)

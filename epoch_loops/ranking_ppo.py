@@ -1,0 +1,344 @@
+"""LR²PPO stage 3 (`--procedure ppo`): adapt the scorer to the target label domain with the frozen reward model.
+
+One episode = one label pair (a, b) of one clip (spec §5.4). The actor (the stage-1 scorer) scores the pair and
+ranks it; the frozen reward model scores `[a, b, 1st, 2nd]`; the critic (started from the reward model) values
+the unordered state `[a, b]`. Rollouts of `--update_timesteps` batches are collected, then the actor and critic
+are updated `--ppo_epochs` times over the rollout in minibatches of `--minibatch_size`, then the actor is
+validated on `--dev_path` and the best actor+critic is kept. Two objectives (model/ranking_losses.py):
+- `lr2ppo` (the paper's): the action is the deterministic sort of the scores; an |advantage|-weighted hinge
+  keeps the action's order when the advantage is at least `--advantage_threshold`, else swaps it;
+- `clip`: a Plackett–Luce policy over the scores (`--pl_temperature`), sampled orders, the clipped ratio
+  (`--eps_clip`), a KL penalty to the frozen initial actor, normalised advantages.
+
+The rollout buffer keeps clip ids, label positions, frame keys and per-sample scalars only (the original kept
+the feature tensors on the GPU, about 6 GB); each minibatch re-reads its features with `dataset.fetch`, the
+frame order included, so the update sees exactly what the rollout saw. Actor and critic run without dropout
+throughout, so the policy that sampled is the policy the ratio compares against (the original updated in train
+mode, spec §8.8). Resuming (`--resume last.pt`) continues after the last completed update, exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from datasets.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset, read_clip_list
+from epoch_loops.ranking import (
+    Saver,
+    actor_state,
+    adamw,
+    linear_schedule,
+    load_weights,
+    loader,
+    ndcg,
+    open_features,
+    optimiser_step,
+    print_trainable,
+    read_ranking_weights,
+    report,
+    require,
+    reward_state,
+    stream_seed,
+)
+from evaluation.ranking import SELECTION_METRIC
+from model.label_ranking import (
+    FusionScorer,
+    LabelRankingConfig,
+    RewardModel,
+    plackett_luce_log_prob,
+    sample_plackett_luce,
+)
+from model.ranking_losses import clip_ppo_loss, lr2ppo_loss
+from utilities.checkpoint import load_checkpoint, restore_training_state, training_state
+from utilities.config import Config
+from utilities.errors import InputError
+from utilities.log import progress
+from utilities.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """What PPO needs of N collected pairs: ids, positions and scalars, never features."""
+
+    clip_ids: list[str]
+    labels: Tensor  # (N, 2) label positions in the clip
+    frame_keys: Tensor  # (N,) frame order the actor saw (datasets.lrmovienet.frame_slots)
+    order: Tensor  # (N, 2) the action: positions 0/1 of the pair, ranked
+    scores_old: Tensor  # (N, 2) actor scores at rollout
+    log_prob_old: Tensor  # (N,) log-probability of `order` under the rollout policy
+    reward: Tensor  # (N,) frozen reward model on [a, b, 1st, 2nd]
+    value_old: Tensor  # (N,) critic on [a, b]
+    ref_scores: Tensor | None = None  # (N, 2) the frozen initial actor's scores (clip objective)
+    advantage: Tensor | None = None  # (N,) normalised over the rollout (clip objective)
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def select(self, index: Tensor) -> Rollout:
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "clip_ids":
+                picked[f.name] = [value[i] for i in index.tolist()]
+            else:
+                picked[f.name] = None if value is None else value[index]
+        return Rollout(**picked)
+
+    def nbytes(self) -> int:
+        """Memory held: the tensors plus the id strings."""
+        tensors = [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)]
+        return sum(t.nbytes for t in tensors) + sum(len(c.encode()) for c in self.clip_ids)
+
+    @classmethod
+    def concat(cls, parts: list[Rollout]) -> Rollout:
+        joined: dict[str, Any] = {"clip_ids": [c for p in parts for c in p.clip_ids]}
+        for f in fields(cls):
+            if f.name != "clip_ids":
+                values = [getattr(p, f.name) for p in parts]
+                joined[f.name] = None if values[0] is None else torch.cat(values)
+        return cls(**joined)
+
+
+@dataclass
+class PPOModels:
+    actor: FusionScorer
+    critic: RewardModel
+    reward: RewardModel  # frozen
+    reference: FusionScorer | None  # frozen initial actor (clip objective)
+
+    @property
+    def policy(self) -> nn.ModuleDict:
+        """Actor + critic as one module: its state dict is the original's PPO `.bin` layout."""
+        return nn.ModuleDict({"actor": self.actor, "critic": self.critic})
+
+
+def build_models(cfg: Config, sizes: LabelRankingConfig) -> PPOModels:
+    """Actor from `--pretrained_model_path` (stage 1), critic and frozen reward model from `--reward_model_path`
+    (stage 2); with `--ppo_objective clip` a frozen copy of the initial actor is the KL reference."""
+    actor_weights = read_ranking_weights(cfg.pretrained_model_path)
+    reward_weights = read_ranking_weights(cfg.reward_model_path)
+    actor = load_weights(sizes.build_scorer(), actor_state(actor_weights), actor_weights.source)
+    critic = load_weights(sizes.build_reward_model(), reward_state(reward_weights), reward_weights.source)
+    reward_model = copy.deepcopy(critic).requires_grad_(False)
+    reference = copy.deepcopy(actor).requires_grad_(False) if cfg.ppo_objective == "clip" else None
+    models = PPOModels(actor, critic, reward_model, reference)
+    for model in (actor, critic, reward_model, reference):
+        if model is not None:
+            model.to(cfg.device).eval()  # no dropout anywhere in PPO
+    return models
+
+
+def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
+    sizes = LabelRankingConfig.from_config(cfg)
+    if cfg.dry_run:
+        with torch.device("meta"):
+            print_trainable(sizes.build_scorer(), sizes.build_reward_model())
+        return None
+    require(
+        cfg,
+        "train_path",
+        "dev_path",
+        "test_path",
+        "features_h5",
+        "pretrained_model_path",
+        "reward_model_path",
+    )
+    models = build_models(cfg, sizes)
+    print_trainable(models.actor, models.critic)
+    features = open_features(cfg)
+    train = PPOPairDataset(
+        read_clip_list(cfg.train_path), features, cfg.max_imgs, cfg.max_tags, cfg.frame_order, cfg.seed
+    )
+    splits = {
+        s: ClipDataset(read_clip_list(getattr(cfg, f"{s}_path")), features, cfg.max_imgs)
+        for s in ("dev", "test")
+    }
+    return train_ppo(cfg, run, models, train, splits)
+
+
+def rollout_sizes(n_samples: int, batch_size: int, update_timesteps: int) -> list[int]:
+    """Pairs in each rollout of one epoch: `update_timesteps` batches, the epoch's last rollout shorter."""
+    batches = [batch_size] * (n_samples // batch_size) + (
+        [n_samples % batch_size] if n_samples % batch_size else []
+    )
+    return [sum(batches[i : i + update_timesteps]) for i in range(0, len(batches), update_timesteps)]
+
+
+def train_ppo(
+    cfg: Config, run: RunDir, models: PPOModels, train: PPOPairDataset, splits: dict[str, ClipDataset]
+) -> dict[str, Any]:
+    minibatch = cfg.minibatch_size or cfg.batch_size
+    sizes = rollout_sizes(len(train), cfg.batch_size, cfg.update_timesteps)
+    steps_per_epoch = cfg.ppo_epochs * sum(math.ceil(n / minibatch) for n in sizes)
+    batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs_num
+    policy, saver = models.policy, Saver(run, "ppo", cfg)
+    optimizer = adamw(
+        [(models.actor, cfg.learning_rate), (models.critic, cfg.critic_learning_rate)],
+        cfg.ranking_weight_decay,
+    )
+    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
+    step, updates, epoch, batches_done, best = 0, 0, 0, 0, None
+    logs: dict[str, list[float]] = {}
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, map_location=cfg.device)
+        if state.get("kind") != "ppo":
+            raise InputError(f"--resume {cfg.resume}: a {state.get('kind')} checkpoint, not ppo")
+        counters = restore_training_state(state, policy, optimizer, scheduler=scheduler, source=cfg.resume)
+        step, best = counters["step"], counters["best_metric"]
+        epoch, batches_done, updates = state["epoch"], state["batches_done"], state["updates"]
+        saver.last = cfg.resume
+    else:
+        initial = ndcg(cfg, models.actor, splits["dev"])  # the initial actor is a candidate too
+        best = initial[SELECTION_METRIC]
+        saver.save_best(policy, step=0, updates=0, dev=initial)
+        log.info("ppo: initial actor dev NDCG@all %.4f", best)
+    log.info("ppo (%s): %d pairs per epoch, %d optimiser steps", cfg.ppo_objective, len(train), total_steps)
+    while epoch < cfg.epochs_num:
+        if batches_done >= batches_per_epoch:
+            epoch, batches_done = epoch + 1, 0
+            continue
+        parts: list[Rollout] = []
+        batches = loader(cfg, train, epoch=epoch, shuffle=True, skip_batches=batches_done)
+        for batch in progress(batches, desc=f"ppo epoch {epoch + 1}/{cfg.epochs_num}"):
+            generator = torch.Generator(cfg.device).manual_seed(stream_seed(cfg.seed, epoch, batches_done))
+            parts.append(collect(cfg, models, batch.to(cfg.device), generator))
+            batches_done += 1
+            if len(parts) < cfg.update_timesteps and batches_done < batches_per_epoch:
+                continue
+            rollout = Rollout.concat(parts)
+            parts = []
+            step = update(cfg, models, train, rollout, optimizer, scheduler, saver, step, updates, logs)
+            updates += 1
+            metrics = ndcg(cfg, models.actor, splits["dev"])
+            improved = metrics[SELECTION_METRIC] > best
+            if improved:
+                best = metrics[SELECTION_METRIC]
+                saver.save_best(policy, step=step, updates=updates, dev=metrics)
+            state = training_state(
+                policy, optimizer, cfg, epoch=epoch, step=step, best_metric=best, scheduler=scheduler
+            )
+            saver.save_last({**state, "batches_done": batches_done, "updates": updates})
+            report(run, "ppo", updates, logs, metrics, scheduler.get_last_lr()[0], improved)
+    saver.load_best(policy)
+    selected = load_checkpoint(run.path / "checkpoints" / "best.pt")
+    metrics = {
+        "dev": ndcg(cfg, models.actor, splits["dev"]),
+        "test": ndcg(cfg, models.actor, splits["test"]),
+        "selected_update": selected["updates"],
+        "updates": updates,
+        "objective": cfg.ppo_objective,
+        "selection": f"dev {SELECTION_METRIC}",
+    }
+    print(f"ppo ({cfg.ppo_objective}): selected update {metrics['selected_update']} of {updates} on dev")
+    for split in ("dev", "test"):
+        print(
+            f"  {split}: "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics[split].items() if isinstance(v, float))
+        )
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+    return metrics
+
+
+@torch.no_grad()
+def collect(cfg: Config, models: PPOModels, batch: LabelBatch, generator: torch.Generator) -> Rollout:
+    """One rollout batch: act on every pair, score the ranked pair with the reward model, value the state."""
+    scores = models.actor(batch.frames, batch.text)
+    if cfg.ppo_objective == "lr2ppo":
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    else:
+        order = sample_plackett_luce(scores, temperature=cfg.pl_temperature, generator=generator)
+    context = torch.arange(2, device=scores.device).expand_as(order)
+    reward = models.reward(batch.frames, batch.text, torch.cat([context, order], dim=1))
+    value = models.critic(batch.frames, batch.text)
+    ref = None if models.reference is None else models.reference(batch.frames, batch.text).cpu()
+    return Rollout(
+        clip_ids=list(batch.clip_ids),
+        labels=batch.labels.cpu(),
+        frame_keys=batch.frame_keys.cpu(),
+        order=order.cpu(),
+        scores_old=scores.cpu(),
+        log_prob_old=plackett_luce_log_prob(scores, order, temperature=cfg.pl_temperature).cpu(),
+        reward=reward.cpu(),
+        value_old=value.cpu(),
+        ref_scores=ref,
+    )
+
+
+def update(
+    cfg: Config,
+    models: PPOModels,
+    dataset: PPOPairDataset,
+    rollout: Rollout,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    saver: Saver,
+    step: int,
+    updates: int,
+    logs: dict[str, list[float]],
+) -> int:
+    """`--ppo_epochs` passes over the rollout in shuffled minibatches; returns the optimiser step count."""
+    if cfg.ppo_objective == "clip":
+        advantage = rollout.reward - rollout.value_old
+        rollout.advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-8)
+    logs.setdefault("reward", []).append(float(rollout.reward.mean()))
+    logs.setdefault("value", []).append(float(rollout.value_old.mean()))
+    minibatch = cfg.minibatch_size or cfg.batch_size
+    for ppo_epoch in range(cfg.ppo_epochs):
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, updates, ppo_epoch, 2))
+        for index in torch.randperm(len(rollout), generator=generator).split(minibatch):
+            part = rollout.select(index)
+            loss, stats = minibatch_loss(cfg, models, dataset, part)
+            optimiser_step(cfg, saver, loss, step + 1, optimizer, scheduler)
+            step += 1
+            for name, value in {"loss": loss.detach(), **stats}.items():
+                logs.setdefault(name, []).append(float(value))
+    return step
+
+
+def minibatch_loss(
+    cfg: Config, models: PPOModels, dataset: PPOPairDataset, part: Rollout
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Re-read the minibatch's features and compute the objective's loss."""
+    batch = dataset.fetch(part.clip_ids, part.labels.tolist(), part.frame_keys.tolist()).to(cfg.device)
+    on = {f.name: getattr(part, f.name) for f in fields(part)}
+    on = {k: v.to(cfg.device) for k, v in on.items() if isinstance(v, Tensor)}
+    scores = models.actor(batch.frames, batch.text)
+    value = models.critic(batch.frames, batch.text)
+    if cfg.ppo_objective == "lr2ppo":
+        return lr2ppo_loss(
+            scores,
+            on["scores_old"],
+            on["order"],
+            on["reward"],
+            value,
+            on["value_old"],
+            kl_weight=cfg.kl_div_loss_weight,
+            entropy_weight=cfg.entropy_weight,
+            value_clip=cfg.value_clip,
+            advantage_threshold=cfg.advantage_threshold,
+            rank_margin=cfg.rank_margin,
+        )
+    return clip_ppo_loss(
+        scores,
+        on["order"],
+        on["log_prob_old"],
+        on["advantage"],
+        on["reward"],
+        value,
+        on["value_old"],
+        on["ref_scores"],
+        temperature=cfg.pl_temperature,
+        eps_clip=cfg.eps_clip,
+        kl_weight=cfg.kl_div_loss_weight,
+        entropy_weight=cfg.entropy_weight,
+        value_clip=cfg.value_clip,
+    )
