@@ -192,6 +192,61 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-4,
         help="Adam lr of the worker and manager value functions",
     )
+    rl.add_argument(
+        "--rl_objective",
+        default="scst",
+        choices=["scst", "biased_kl"],
+        help="scst: self-critical sequence training on sampled captions with hierarchical credit; biased_kl: "
+        "the original's reward-weighted label smoothing under teacher forcing (bugs fixed, README)",
+    )
+    rl.add_argument(
+        "--rl_reward",
+        default="meteor",
+        choices=["meteor", "cider"],
+        help="sentence reward: METEOR 1.5 (the evaluation metric) or CIDEr-D with training-set document "
+        "frequencies",
+    )
+    rl.add_argument("--rl_samples", type=int, default=5, help="scst: captions sampled per segment (K)")
+    rl.add_argument(
+        "--scst_baseline",
+        default="greedy",
+        choices=["greedy", "mean", "value"],
+        help="scst: the reward subtracted from a sample's: the greedy caption's, the mean of the segment's "
+        "other samples (needs --rl_samples >= 2), or the value functions' predictions",
+    )
+    rl.add_argument(
+        "--rl_train_worker",
+        action=BoolFlag,
+        default=True,
+        help="the first RL epoch trains the worker (--no-rl_train_worker: the manager); RL epochs then "
+        "alternate between the two, one module per epoch",
+    )
+    rl.add_argument(
+        "--rl_gamma_worker",
+        type=float,
+        default=0.7,
+        help="biased_kl: discount of the later ΔMETEOR rewards in a worker token's return (the original's "
+        "intent; its code never applied it: 0 gives its plain per-token ΔMETEOR)",
+    )
+    rl.add_argument(
+        "--rl_gamma_manager",
+        type=float,
+        default=0.8,
+        help="discount of the sub-goal rewards that make a manager goal's return",
+    )
+    rl.add_argument(
+        "--rl_stabilize",
+        action=BoolFlag,
+        default=False,
+        help="biased_kl: subtract the value function's prediction from the reward (a baseline)",
+    )
+    rl.add_argument(
+        "--compat_biased_kl_grad",
+        action=BoolFlag,
+        default=False,
+        help="biased_kl: let the gradient flow through the reward amplitude in the target distribution, as "
+        "the original did (a bug: it is not a policy gradient)",
+    )
 
     predict = parser.add_argument_group("predict")
     predict.add_argument("--video_id", default=None, help="predict: the video whose features are read")

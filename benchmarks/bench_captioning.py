@@ -5,6 +5,12 @@
   full-prefix recomputation; then {"what": "greedy_outputs_identical", "value": true|false}.
 - {"what": "warm_start_step", "B": 16, "seconds": ...}: forward, label-smoothing loss, backward and Adam step with
   17-token captions (median of a few steps after a warm-up).
+- {"what": "rl_step", "objective": "scst"|"biased_kl", "B": 16, "seconds": ..., "reward_share": ...}: one RL step
+  of the worker (scst: K = 5 samples of up to 30 tokens per segment and the greedy baseline; biased_kl: 17-token
+  captions) with METEOR 1.5 prefix rewards against 12-word references, backward and Adam; median of a few steps,
+  `reward_share` the share of the step spent computing rewards (goal ≤ 0.25).
+- {"what": "meteor_rewards", "cache": false|true, "pairs_per_s": ...}: sentence METEOR of 2000 distinct
+  (hypothesis, reference) pairs, first uncached, then the same pairs again from the cache.
 
 References (../shared/PERFORMANCE.md, the original on this kind of machine): greedy 1.21 captions/s; warm-start
 step 1.55 s. Goals: cache ≥ 3× the full prefix and ≥ 10× the original; step ≤ 0.7× the original.
@@ -25,9 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.bmhrl import BMHRLAgent, trainable_parameters
+from datasets.activitynet import CaptionBatch
+from datasets.vocabulary import Vocabulary
+from epoch_loops import rl
+from epoch_loops.agent_files import build_agents
+from epoch_loops.trainer import Trainer
+from evaluation.meteor import Meteor
+from evaluation.rewards import MeteorReward
+from main import build_parser
+from model.bmhrl import AgentConfig, BMHRLAgent, trainable_parameters
 from model.decoding import greedy_decode
 from model.losses import label_smoothing_loss
+from utilities.config import Config
 
 VOCAB = 10172
 
@@ -92,6 +107,71 @@ def bench_warm_start_step(agent: BMHRLAgent, device, generator: torch.Generator,
     )
 
 
+def bench_rl_step(objective: str, meteor: Meteor, device, generator: torch.Generator, steps: int) -> None:
+    """A worker RL step at paper size through the training code (`rl.STEPS`), with a plain Adam step."""
+    vocab = Vocabulary(["<unk>", "<blank>", "<s>", "</s>", *(f"w{i}" for i in range(VOCAB - 4))])
+    torch.manual_seed(0)
+    agents = build_agents(
+        AgentConfig(segmenter="heuristic"), vocab, torch.randn(VOCAB, 300, generator=generator)
+    )
+    agents.to(device)
+    cfg = vars(build_parser().parse_args(["--procedure", "train_rl_cap"]))
+    cfg.update(rl_objective=objective, rl_samples=5, max_len=30, scst_baseline="greedy", device=str(device))
+    references = [
+        " ".join(f"w{int(i)}" for i in torch.randint(0, 300, (12,), generator=generator)) for _ in range(16)
+    ]
+    trainer = Trainer.create(Config(**cfg), agents, None, meteor)
+    rewards = rl.Rewards(MeteorReward(meteor), {r: r for r in references}, vocab)
+    video, _, audio, _ = features(16, device, generator)
+    captions = torch.randint(4, 304, (16, 17), generator=generator).to(device)
+    captions[:, 0], captions[:, -1] = agents.agent.start_idx, agents.agent.end_idx
+    batch = CaptionBatch(video, None, audio, None, captions, captions != 1, torch.full((16,), 17), [""] * 16,
+                         [0.0] * 16, [1.0] * 16, [1.0] * 16, references, list(range(16)))  # fmt: skip
+    agents.agent.train()
+    agents.agent.set_phase("worker")
+    times, shares = [], []
+    for _ in range(steps + 1):
+        start, rewards.seconds = time.perf_counter(), 0.0
+        result = rl.STEPS[objective](trainer, batch, "worker", rewards)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        (result.policy_loss + result.value_loss).backward()
+        trainer.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        shares.append(rewards.seconds / times[-1])
+    emit(
+        what="rl_step",
+        objective=objective,
+        B=16,
+        samples=5 if objective == "scst" else 1,
+        seconds=round(statistics.median(times[1:]), 3),
+        reward_share=round(statistics.median(shares[1:]), 3),
+        device=str(device),
+    )
+
+
+def bench_meteor_rewards(meteor: Meteor, generator: torch.Generator, pairs: int = 2000) -> None:
+    words = [f"w{i}" for i in range(200)]
+
+    def sentence(n: int) -> str:
+        return " ".join(words[int(i)] for i in torch.randint(0, 200, (n,), generator=generator))
+
+    hyps = [sentence(int(torch.randint(3, 15, (1,), generator=generator))) for _ in range(pairs)]
+    refs = [sentence(12) for _ in range(pairs)]
+    reward = MeteorReward(meteor)
+    meteor.sentence_scores([("w0 w1", ["w1 w2"])])  # the JVM has loaded: time the scoring, not the start
+    for cache in (False, True):
+        start = time.perf_counter()
+        reward.sentence(hyps, refs)
+        emit(
+            what="meteor_rewards",
+            cache=cache,
+            pairs=pairs,
+            pairs_per_s=round(pairs / (time.perf_counter() - start)),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,6 +189,11 @@ def main() -> None:
     emit(what="model", trainable_parameters=trainable_parameters(agent), vocabulary=VOCAB)
     bench_warm_start_step(agent, device, generator, args.steps)
     bench_greedy(agent, device, generator, args.repeats)
+    with Meteor() as meteor:
+        meteor.start()
+        bench_meteor_rewards(meteor, generator)
+        for objective in ("scst", "biased_kl"):
+            bench_rl_step(objective, meteor, device, generator, args.steps)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ global batch on one process or under DDP.
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -39,14 +39,15 @@ from datasets.activitynet import (
 )
 from datasets.loader import CaptionLoader, caption_loaders
 from datasets.vocabulary import Vocabulary, vocabulary_from_config
+from epoch_loops import rl
 from epoch_loops.agent_files import (
     TRAINING_FILE,
-    Agents,
     is_checkpoint_folder,
     load_agents,
     new_agents,
     save_agents,
 )
+from epoch_loops.trainer import Trainer, optimiser_step
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
 from evaluation.meteor import Meteor
 from model.bmhrl import BMHRLAgent, trainable_parameters
@@ -141,78 +142,29 @@ def caption_datasets(
 
 
 def epoch_phase(cfg: Config, epoch: int) -> str:
-    """'warm_start' for exactly the first --rl_warmstart_epochs epochs, then 'rl'."""
-    return "warm_start" if epoch < cfg.rl_warmstart_epochs else "rl"
+    """'warm_start' for exactly the first --rl_warmstart_epochs epochs, then one RL epoch per module: 'worker'
+    and 'manager' alternate, starting with the worker unless --no-rl_train_worker. The BM ablation has no manager:
+    all its RL epochs train the worker."""
+    if epoch < cfg.rl_warmstart_epochs:
+        return "warm_start"
+    if cfg.mode == "BM":
+        return "worker"
+    order = ("worker", "manager") if cfg.rl_train_worker else ("manager", "worker")
+    return order[(epoch - cfg.rl_warmstart_epochs) % 2]
 
 
-EpochFunction = Callable[["Trainer", int], dict[str, float]]
+EpochFunction = Callable[[Trainer, int], dict[str, float]]
 
 
 def epoch_function(cfg: Config, phase: str) -> EpochFunction:
-    """The function that trains one epoch of `phase`."""
+    """The function that trains one epoch of `phase`; a bad RL setting fails here, before any work."""
     if phase == "warm_start":
         return warm_start_epoch
-    raise InputError(
-        f"--epoch_num {cfg.epoch_num} asks for RL epochs after the {cfg.rl_warmstart_epochs} warm-start epochs, "
-        "but the RL objectives are not available yet: set --epoch_num to at most --rl_warmstart_epochs"
-    )
+    rl.check_settings(cfg)
+    return functools.partial(rl.rl_epoch, module=phase)
 
 
 # ---- training state -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Trainer:
-    """What an epoch function works with. The optimiser has one parameter group per trained module group
-    (`BMHRLAgent.module_groups`: 'worker', 'manager'; plus 'worker_value_function', 'manager_value_function'),
-    each named by its "name" key; a frozen group's parameters get no gradient (grads are set to None), so Adam
-    leaves them, and their moments, alone."""
-
-    cfg: Config
-    agents: Agents
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
-    train_batches: CaptionLoader
-    device: torch.device
-    meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
-    step: int = 0  # optimiser steps done
-    last_checkpoint: str | None = None  # for error messages: the newest complete checkpoint folder
-
-    @classmethod
-    def create(cls, cfg: Config, agents: Agents, train_batches: CaptionLoader, meteor: Meteor) -> Trainer:
-        device = torch.device(cfg.device)
-        agents.to(device)
-        agent_lr = cfg.rl_cap_warmstart_lr if cfg.rl_warmstart_epochs > 0 else cfg.rl_cap_lr
-        groups = [
-            {"name": name, "params": _parameters(modules), "lr": agent_lr, "weight_decay": cfg.weight_decay}
-            for name, modules in agents.agent.module_groups().items()
-        ]
-        for name, module in (
-            ("worker_value_function", agents.worker_value),
-            ("manager_value_function", agents.manager_value),
-        ):
-            groups.append({"name": name, "params": list(module.parameters()), "lr": cfg.rl_value_function_lr})
-        optimizer = torch.optim.Adam(groups)
-        scheduler = None
-        if cfg.scheduler == "reduce_on_plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=cfg.lr_reduce_factor, patience=cfg.lr_patience
-            )
-        return cls(cfg, agents, optimizer, scheduler, train_batches, device, meteor)
-
-    def group(self, name: str) -> dict:
-        return next(g for g in self.optimizer.param_groups if g["name"] == name)
-
-    def agent_lr(self) -> float:
-        return self.group("worker")["lr"]
-
-
-def _parameters(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
-    seen: dict[int, torch.nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen.setdefault(id(p), p)
-    return list(seen.values())
 
 
 @dataclass
@@ -389,41 +341,6 @@ def warm_start_loss(
     out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
     loss = label_smoothing_loss(out.log_probs, targets, agent.pad_idx, smoothing, normalizer=normaliser)
     return loss, normaliser
-
-
-def optimiser_step(
-    trainer: Trainer, loss: torch.Tensor, epoch: int, batch_index: int, batch: CaptionBatch
-) -> float:
-    """Backward, clip the gradient norm (--grad_clip) *before* the step, step. A non-finite loss or gradient
-    stops the run before the step, naming where, with the last checkpoint intact. Returns the norm (before
-    clipping) of the gradients that exist."""
-    if not torch.isfinite(loss):
-        raise diverged(trainer, "loss", float(loss.detach()), epoch, batch_index, batch)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"] if p.grad is not None]
-    max_norm = trainer.cfg.grad_clip if trainer.cfg.grad_clip else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if not torch.isfinite(grad_norm):
-        raise diverged(trainer, "gradient norm", float(grad_norm), epoch, batch_index, batch)
-    trainer.optimizer.step()
-    trainer.step += 1
-    return float(grad_norm)
-
-
-def diverged(
-    trainer: Trainer, what: str, value: float, epoch: int, batch_index: int, batch: CaptionBatch
-) -> InputError:
-    videos = ", ".join(dict.fromkeys(batch.video_ids[:3]))
-    kept = (
-        f"the last good checkpoint is {trainer.last_checkpoint}"
-        if trainer.last_checkpoint
-        else "no checkpoint had been written yet"
-    )
-    return InputError(
-        f"non-finite {what} ({value}) in epoch {epoch}, batch {batch_index} (optimiser step {trainer.step + 1}; "
-        f"videos {videos}, ...): stopped before the step; {kept}. Try a lower learning rate or --grad_clip"
-    )
 
 
 # ---- 1-by-1 validation ----------------------------------------------------------------------------------------

@@ -378,6 +378,9 @@ class StepOutput:
     log_probs: torch.Tensor  # (B, V) for the next token
     goal_start: torch.Tensor | None  # (B,) bool: a new goal was taken at this position
     goal_log_prob: torch.Tensor | None  # (B,) log-density of the explored goal taken here (0 where none)
+    worker_feat: torch.Tensor  # (B, d_caps) the worker's fused features here (value-function input)
+    manager_feat: torch.Tensor | None  # (B, d_caps)
+    goal: torch.Tensor | None  # (B, goal_d) the goal held here
 
 
 class BMHRLAgent(nn.Module):
@@ -568,7 +571,8 @@ class BMHRLAgent(nn.Module):
         worker_feat = self.bm_worker_fus(C, state.memory_kv["worker"], memory, C_mask, caches["worker"])
         if not self.hierarchical:
             state.t += 1
-            return StepOutput(F.log_softmax(self.projection(worker_feat[:, 0]), -1), None, None)
+            log_probs = F.log_softmax(self.projection(worker_feat[:, 0]), -1)
+            return StepOutput(log_probs, None, None, worker_feat[:, 0], None, None)
         start = self.critic.step(ids_t, embedded, state.segmenter)
         if state.t == 0:
             start = torch.ones_like(start)
@@ -580,7 +584,7 @@ class BMHRLAgent(nn.Module):
         state.t += 1
         if goal_log_prob is not None:
             goal_log_prob = goal_log_prob * start
-        return StepOutput(log_probs, start, goal_log_prob)
+        return StepOutput(log_probs, start, goal_log_prob, worker_feat[:, 0], manager_feat[:, 0], goal)
 
 
 class ValueFunction(nn.Module):

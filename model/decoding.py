@@ -107,6 +107,9 @@ class Rollout:
     goal_starts: torch.Tensor | None  # bool: this token was generated under a newly taken goal
     segment_ends: torch.Tensor | None  # bool: the last token generated under its goal
     goal_log_probs: torch.Tensor | None  # log-density of the goal taken at goal starts (exploring), else 0
+    worker_feat: torch.Tensor  # (N, T, d_caps) the worker's features at each decoder input (for values)
+    manager_feat: torch.Tensor | None  # (N, T, d_caps)
+    goals: torch.Tensor | None  # (N, T, goal_d) the goal held at each position
 
 
 def sample(
@@ -131,7 +134,8 @@ def sample(
     ids = _first_ids(agent, N, device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     columns: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("tokens", "log_probs", "mask", "entropy", "starts", "goal_lp")
+        k: []
+        for k in ("tokens", "log_probs", "mask", "entropy", "starts", "goal_lp", "worker", "manager", "goal")
     }
     for _ in range(max_len):
         out = agent.step(ids, state)
@@ -150,10 +154,13 @@ def sample(
         columns["log_probs"].append(out.log_probs.gather(1, ids[:, None]).squeeze(1) * alive)
         columns["mask"].append(alive)
         columns["entropy"].append(entropy)
+        columns["worker"].append(out.worker_feat)
         if out.goal_start is not None:
             columns["starts"].append(out.goal_start & alive)
             goal_lp = out.goal_log_prob if out.goal_log_prob is not None else torch.zeros(N, device=device)
             columns["goal_lp"].append(goal_lp * alive)
+            columns["manager"].append(out.manager_feat)
+            columns["goal"].append(out.goal)
         finished = finished | (ids == agent.end_idx)
         if finished.all():
             break
@@ -164,5 +171,14 @@ def sample(
         last = mask & ~F.pad(mask[:, 1:], (0, 1), value=False)
         ends = (F.pad(starts[:, 1:], (0, 1), value=False) | last) & mask
     return Rollout(
-        stacked["tokens"], stacked["log_probs"], mask, stacked["entropy"], starts, ends, stacked["goal_lp"]
+        stacked["tokens"],
+        stacked["log_probs"],
+        mask,
+        stacked["entropy"],
+        starts,
+        ends,
+        stacked["goal_lp"],
+        stacked["worker"],
+        stacked["manager"],
+        stacked["goal"],
     )

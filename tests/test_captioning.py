@@ -200,13 +200,6 @@ def test_dry_run_needs_only_the_annotations_and_counts_paper_size(shared_data, t
     assert not (tmp_path / "train_rl_cap").exists()  # a dry run writes nothing
 
 
-def test_rl_epochs_are_refused_before_any_work(tiny_data, tmp_path, capsys):
-    argv = tiny_argv(tiny_data, tmp_path, "rl", "--rl_warmstart_epochs", "1", "--epoch_num", "3")
-    assert main(argv) == 2
-    assert "RL objectives are not available" in capsys.readouterr().err
-    assert not (tmp_path / "train_rl_cap").exists()
-
-
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     tiny_data, tmp_path, capsys, monkeypatch
 ):

@@ -30,6 +30,12 @@ def test_demo_agent_beats_both_baselines(tmp_path, capsys):
         (metrics["val_1/warm_start"]["METEOR"] + metrics["val_2/warm_start"]["METEOR"]) / 2
     )
     assert metrics["val_1/nearest_neighbour"]["Recall"] == 1.0
+    for objective in ("biased_kl", "scst"):  # issue 10: RL from the warm start with each objective
+        rl_meteor = metrics[f"mean/rl_{objective}"]["METEOR"]
+        assert rl_meteor >= agent - 0.005, (objective, rl_meteor, agent)
+        rewards = metrics[f"rl_reward/{objective}"]
+        assert len(rewards) == 4 and rewards[-1] > rewards[0], (objective, rewards)
+        assert (run / f"agent_rl_{objective}" / "captioning_results_val_1_e3.json").is_file()
 
     submission = json.loads((run / "captioning_results_val_1_nearest_neighbour.json").read_text())
     segments = read_captions_csv(tmp_path / "demo" / "val_1.csv").segments
