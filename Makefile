@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 # One stamp per torch version: changing TORCH_VERSION installs again.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)
 
-.PHONY: setup java demo test lint
+.PHONY: setup java demo test test-all lint
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: setup
 	$(PY) main.py --procedure demo
 
 test: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: setup
 	$(PY) -m pytest -q tests
 
 lint: setup

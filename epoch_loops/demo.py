@@ -71,21 +71,21 @@ DEMO_AGENT = {
     "metrics_out": None,
 }
 
-# The RL epochs after the warm start (worker, manager, worker, manager), per objective. Each starts from the warm
+# The RL epochs after the warm start (worker, manager, worker, ...), per objective: scst runs five, so that its
+# first and last epochs train the same module (a manager epoch samples with exploration, at a lower reward). Each starts from the warm
 # start's checkpoint with a fresh optimiser; one validation, after the last epoch. The learning rates were tuned on
 # seeds 0 and 1 (README): scst samples at temperature 1 from a policy that the warm start's label smoothing
 # (ε = 0.7) keeps flat, so larger steps trade greedy-caption METEOR for sampled-caption reward.
 RL_OBJECTIVES = ("biased_kl", "scst")
 DEMO_RL = {
     "rl_warmstart_epochs": 0,
-    "epoch_num": 4,
-    "one_by_one_starts_at": 3,
     "rl_value_function_lr": 1e-3,
     "rl_samples": 4,
     "scst_baseline": "greedy",
     "rl_reward": "meteor",
 }
 DEMO_RL_LR = {"biased_kl": 3e-4, "scst": 7e-5}
+DEMO_RL_EPOCHS = {"biased_kl": 4, "scst": 5}
 
 
 def demo(cfg: Config, run: RunDir) -> None:
@@ -144,6 +144,8 @@ def demo(cfg: Config, run: RunDir) -> None:
                     **DEMO_RL,
                     "rl_objective": objective,
                     "rl_cap_lr": DEMO_RL_LR[objective],
+                    "epoch_num": DEMO_RL_EPOCHS[objective],
+                    "one_by_one_starts_at": DEMO_RL_EPOCHS[objective] - 1,
                     "rl_pretrained_model_dir": str(warm_start),
                 }
             )
