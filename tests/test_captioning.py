@@ -151,6 +151,7 @@ def test_eval_of_a_checkpoint_reproduces_the_validation_of_training(trained_run,
         assert (out / "captioning_results_val_2_eval.json").is_file()
 
 
+@requires_java  # train_rl_cap starts the run's METEOR process first
 def test_checkpoint_holds_the_original_keys_minus_the_dead_ones_and_loads_back(tiny_data, tmp_path):
     critic_path = tmp_path / "critic.cp"
     torch.save(SegmentCritic(12).state_dict(), critic_path)
@@ -200,6 +201,7 @@ def test_dry_run_needs_only_the_annotations_and_counts_paper_size(shared_data, t
     assert not (tmp_path / "train_rl_cap").exists()  # a dry run writes nothing
 
 
+@requires_java  # train_rl_cap starts the run's METEOR process first
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     tiny_data, tmp_path, capsys, monkeypatch
 ):
@@ -401,6 +403,7 @@ def test_predict_bad_input_is_a_one_line_error(shared_data, tmp_path, capsys, ch
     assert not (tmp_path / "out.json").exists()
 
 
+@requires_java
 @pytest.mark.parametrize("mode", ["AHRL", "VHRL", "BM"])
 def test_ablations_train_and_save_their_own_layout(tiny_data, tmp_path, mode):
     argv = tiny_argv(
