@@ -436,7 +436,15 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
         "selected_step": best_state["step"],
         "selection": f"dev {stage.selection}",
     }
-    print(f"{stage.kind}: selected step {metrics['selected_step']} on dev {stage.selection}")
+    return write_final_metrics(
+        run, cfg, f"{stage.kind}: selected step {metrics['selected_step']} on dev {stage.selection}", metrics
+    )
+
+
+def write_final_metrics(run: RunDir, cfg: Config, headline: str, metrics: dict) -> dict:
+    """Print the selected model's dev and test NDCG under `headline`; write the metrics JSON (run and
+    --metrics_out)."""
+    print(headline)
     for split in ("dev", "test"):
         print(
             f"  {split}: "

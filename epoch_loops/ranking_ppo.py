@@ -45,6 +45,7 @@ from epoch_loops.ranking import (
     require,
     reward_state,
     stream_seed,
+    write_final_metrics,
 )
 from evaluation.ranking import SELECTION_METRIC
 from model.label_ranking import (
@@ -238,14 +239,8 @@ def train_ppo(
         "objective": cfg.ppo_objective,
         "selection": f"dev {SELECTION_METRIC}",
     }
-    print(f"ppo ({cfg.ppo_objective}): selected update {metrics['selected_update']} of {updates} on dev")
-    for split in ("dev", "test"):
-        print(
-            f"  {split}: "
-            + "  ".join(f"{k}={v:.4f}" for k, v in metrics[split].items() if isinstance(v, float))
-        )
-    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
-    return metrics
+    headline = f"ppo ({cfg.ppo_objective}): selected update {metrics['selected_update']} of {updates} on dev"
+    return write_final_metrics(run, cfg, headline, metrics)
 
 
 @torch.no_grad()
