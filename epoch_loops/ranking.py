@@ -217,6 +217,14 @@ def open_features(cfg: Config) -> ClipFeatures:
     return ClipFeatures(cfg.features_h5, seq_length=cfg.seq_length, dim=cfg.text_feat_dim)
 
 
+def graded_splits(cfg: Config, features: ClipFeatures) -> dict[str, ClipDataset]:
+    """The graded `--dev_path` (selection) and `--test_path` (report) clips, frames in stored order."""
+    return {
+        s: ClipDataset(read_clip_list(getattr(cfg, f"{s}_path")), features, cfg.max_imgs)
+        for s in ("dev", "test")
+    }
+
+
 def stream_seed(*keys: int) -> int:
     """A 63-bit seed for a torch.Generator from a tuple of ints (seed, epoch, ...)."""
     return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
@@ -510,10 +518,7 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     train = ClipDataset(
         read_clip_list(cfg.train_path), features, cfg.max_imgs, cfg.max_tags, cfg.frame_order, cfg.seed
     )
-    splits = {
-        s: ClipDataset(read_clip_list(getattr(cfg, f"{s}_path")), features, cfg.max_imgs)
-        for s in ("dev", "test")
-    }
+    splits = graded_splits(cfg, features)
     stage = SupervisedStage(
         "pointwise",
         model,

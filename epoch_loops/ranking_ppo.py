@@ -33,6 +33,7 @@ from epoch_loops.ranking import (
     Saver,
     actor_state,
     adamw,
+    graded_splits,
     linear_schedule,
     load_weights,
     loader,
@@ -158,11 +159,7 @@ def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     train = PPOPairDataset(
         read_clip_list(cfg.train_path), features, cfg.max_imgs, cfg.max_tags, cfg.frame_order, cfg.seed
     )
-    splits = {
-        s: ClipDataset(read_clip_list(getattr(cfg, f"{s}_path")), features, cfg.max_imgs)
-        for s in ("dev", "test")
-    }
-    return train_ppo(cfg, run, models, train, splits)
+    return train_ppo(cfg, run, models, train, graded_splits(cfg, features))
 
 
 def rollout_sizes(n_samples: int, batch_size: int, update_timesteps: int) -> list[int]:
