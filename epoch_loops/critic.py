@@ -32,6 +32,7 @@ from model.blocks import VocabularyEmbedder
 from model.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
 from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from utilities.config import Config
+from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
 from utilities.log import progress
 from utilities.run_dir import RunDir
@@ -134,10 +135,11 @@ def trivial_baselines(data: CriticData) -> dict[str, dict[str, float]]:
 def masked_bce(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: float
 ) -> torch.Tensor:
-    """Mean over the real tokens of the batch of BCE with boundary tokens weighted by `pos_weight`."""
+    """Mean over the real tokens of the global batch of BCE with boundary tokens weighted by `pos_weight`
+    (`loss_normaliser`: the same gradient on one process and under DDP)."""
     weight = torch.tensor(pos_weight, device=logits.device)
     per_token = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight, reduction="none")
-    return (per_token * mask).sum() / mask.sum()
+    return (per_token * mask).sum() / loss_normaliser(mask.sum())
 
 
 def train_epoch(

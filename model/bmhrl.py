@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from model.blocks import (
     VocabularyEmbedder,
     causal_mask,
 )
+from utilities.config import settings_for
 from utilities.errors import InputError
 
 MODALITIES = {"BMHRL": ("audio", "video"), "AHRL": ("audio",), "VHRL": ("video",), "BM": ("audio", "video")}
@@ -80,7 +81,7 @@ class AgentConfig:
     def from_config(cls, cfg) -> AgentConfig:
         """From the parsed run Config (flag names = field names). A `--mode` that is not an architecture
         (e.g. 'eval') means the full BMHRL agent."""
-        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        values = settings_for(cls, cfg)
         if values.get("mode") not in MODALITIES:
             values["mode"] = "BMHRL"
         return cls(**values)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utilities.config import settings_for
 from utilities.errors import InputError
 
 ScorerHead = Literal["flattened", "pooled"]
@@ -303,8 +304,7 @@ class LabelRankingConfig:
     @classmethod
     def from_config(cls, cfg: Any) -> LabelRankingConfig:
         """Read the fields from a Config / argparse namespace; settings it lacks keep the paper defaults."""
-        defaults = cls()
-        return cls(**{name: getattr(cfg, name, value) for name, value in asdict(defaults).items()})
+        return cls(**settings_for(cls, cfg))
 
     def build_scorer(self) -> FusionScorer:
         return FusionScorer(**asdict(self))

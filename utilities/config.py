@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, NoReturn
@@ -68,6 +69,12 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({', '.join(f'{k}={v!r}' for k, v in sorted(self.__dict__.items()))})"
+
+
+def settings_for(dataclass_type: type, cfg: Any) -> dict[str, Any]:
+    """The settings of `cfg` (a Config or argparse namespace) named like `dataclass_type`'s fields: a model's
+    sizes are flags of the same names; fields `cfg` lacks are left out, so they keep the dataclass defaults."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(dataclass_type) if hasattr(cfg, f.name)}
 
 
 def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
