@@ -151,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--rl_cap_lr", type=float, default=1e-4, help="agent Adam lr in the RL epochs")
     training.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay of the agent")
     training.add_argument(
-        "--smoothing", type=float, default=0.7, help="label smoothing of the warm-start loss"
+        "--smoothing",
+        type=float,
+        default=0.7,
+        help="label smoothing of the warm-start loss (and biased_kl's ε)",
     )
     training.add_argument(
         "--grad_clip", type=float, default=None, help="clip the gradient norm to this before each step"
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="meteor",
         choices=["meteor", "cider"],
         help="sentence reward: METEOR 1.5 (the evaluation metric) or CIDEr-D with training-set document "
-        "frequencies",
+        "frequencies (for scst: METEOR pays for repeated words in sampled captions, README)",
     )
     rl.add_argument("--rl_samples", type=int, default=5, help="scst: captions sampled per segment (K)")
     rl.add_argument(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from datasets.activitynet import read_captions_csv
-from epoch_loops.demo import DEMO_RL_EPOCHS
+from epoch_loops.demo import DEMO_RL
 from main import main
 from tests.conftest import requires_java
 
@@ -35,8 +35,9 @@ def test_demo_agent_beats_both_baselines(tmp_path, capsys):
         rl_meteor = metrics[f"mean/rl_{objective}"]["METEOR"]
         assert rl_meteor >= agent - 0.005, (objective, rl_meteor, agent)
         rewards = metrics[f"rl_reward/{objective}"]
-        assert len(rewards) == DEMO_RL_EPOCHS[objective] and rewards[-1] > rewards[0], (objective, rewards)
-        last = DEMO_RL_EPOCHS[objective] - 1
+        epochs = DEMO_RL[objective]["epoch_num"]
+        assert len(rewards) == epochs and rewards[-1] > rewards[0], (objective, rewards)
+        last = epochs - 1
         assert (run / f"agent_rl_{objective}" / f"captioning_results_val_1_e{last}.json").is_file()
 
     submission = json.loads((run / "captioning_results_val_1_nearest_neighbour.json").read_text())
