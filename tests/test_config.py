@@ -6,12 +6,13 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
 from main import build_parser
 from tests.conftest import REPO
-from utilities.config import Config, config_from_argv
+from utilities.config import Config, config_from_argv, settings_for
 from utilities.errors import InputError
 from utilities.run_dir import RunDir
 
@@ -186,3 +187,15 @@ def test_default_exp_names_are_timestamps_and_distinct(tmp_path):
             run.write_json("m.json", {})
             names.append(cfg.exp_name)
     assert names[0] != names[1] and names[0][:12].isdigit()
+
+
+def test_settings_for_reads_fields_by_name_and_leaves_missing_ones_to_the_defaults():
+    @dataclass
+    class Sizes:
+        d_model: int = 1024
+        dout_p: float = 0.1
+
+    cfg = Config(d_model=64, procedure="demo")  # no dout_p; procedure is not a field
+    assert settings_for(Sizes, cfg) == {"d_model": 64}
+    assert Sizes(**settings_for(Sizes, cfg)) == Sizes(d_model=64, dout_p=0.1)
+    assert settings_for(Sizes, argparse.Namespace(d_model=8, dout_p=0.0)) == {"d_model": 8, "dout_p": 0.0}
