@@ -310,6 +310,12 @@ def print_trainable(*models: nn.Module) -> None:
     print(f"trainable parameters: {sum(count_trainable_parameters(m) for m in models)}")
 
 
+def print_dry_run(*builders: Callable[[], nn.Module]) -> None:
+    """`--dry_run`: build the models on the meta device (no memory, no weights) and print their trainable count."""
+    with torch.device("meta"):
+        print_trainable(*(build() for build in builders))
+
+
 # --- evaluation -----------------------------------------------------------------------------------------------
 
 
@@ -504,8 +510,7 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 1: the fusion scorer on graded labels (`--train_path` first_stage_data.json)."""
     sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
-        with torch.device("meta"):
-            print_trainable(sizes.build_scorer())
+        print_dry_run(sizes.build_scorer)
         return None
     require(cfg, "train_path", "dev_path", "test_path", "features_h5")
     model = sizes.build_scorer()
@@ -536,8 +541,7 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     its trunk from stage 1 (the original started from scratch, spec §8.13)."""
     sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
-        with torch.device("meta"):
-            print_trainable(sizes.build_reward_model())
+        print_dry_run(sizes.build_reward_model)
         return None
     require(cfg, "train_path", "dev_path", "test_path", "features_h5")
     model = sizes.build_reward_model()

@@ -40,6 +40,7 @@ from epoch_loops.ranking import (
     ndcg,
     open_features,
     optimiser_step,
+    print_dry_run,
     print_trainable,
     read_ranking_weights,
     report,
@@ -141,8 +142,7 @@ def build_models(cfg: Config, sizes: LabelRankingConfig) -> PPOModels:
 def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
-        with torch.device("meta"):
-            print_trainable(sizes.build_scorer(), sizes.build_reward_model())
+        print_dry_run(sizes.build_scorer, sizes.build_reward_model)
         return None
     require(
         cfg,
