@@ -31,17 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.activitynet import CaptionBatch
+from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
-from epoch_loops import rl
-from epoch_loops.agent_files import build_agents
-from epoch_loops.trainer import Trainer
+from epoch_loops.captioning import rl
+from epoch_loops.captioning.agent_files import build_agents
+from epoch_loops.training import Trainer
 from evaluation.meteor import Meteor
 from evaluation.rewards import MeteorReward
 from main import build_parser
-from model.bmhrl import AgentConfig, BMHRLAgent, trainable_parameters
-from model.decoding import greedy_decode
-from model.losses import label_smoothing_loss
+from model.captioning.bmhrl import AgentConfig, BMHRLAgent, trainable_parameters
+from model.captioning.decoding import greedy_decode
+from model.captioning.losses import label_smoothing_loss
 from utilities.config import Config
 
 VOCAB = 10172

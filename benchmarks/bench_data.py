@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.activitynet import CSV_COLUMNS, build_caption_dataset, read_captions_csv
+from datasets.captioning.activitynet import CSV_COLUMNS, build_caption_dataset, read_captions_csv
 from datasets.features import pack_directory
 from datasets.loader import CaptionLoader
 from datasets.vocabulary import build_vocabulary

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.label_ranking import LabelRankingConfig
+from model.ranking.scorer import LabelRankingConfig
 
 
 def adamw(model: torch.nn.Module, impl: str) -> torch.optim.AdamW:
@@ -98,8 +98,8 @@ def bench_pointwise(args: argparse.Namespace) -> None:
 
 def ppo_setup(args: argparse.Namespace, folder: Path):
     """Synthetic clips in the real HDF5 layout, the PPO models at the benchmark size, and the run settings."""
-    from datasets.lrmovienet import ClipFeatures, PPOPairDataset, read_clip_list
-    from epoch_loops.ranking_ppo import PPOModels
+    from datasets.ranking.lrmovienet import ClipFeatures, PPOPairDataset, read_clip_list
+    from epoch_loops.ranking.ppo import PPOModels
     from main import build_parser
     from utilities.config import config_from_argv
 
@@ -143,8 +143,8 @@ def bench_ppo(args: argparse.Namespace) -> None:
     """One PPO iteration = rollout of one batch of pairs + one update over it (one minibatch), timed."""
     import tempfile
 
-    from epoch_loops import ranking
-    from epoch_loops.ranking_ppo import collect, update
+    from epoch_loops.ranking import stages as ranking
+    from epoch_loops.ranking.ppo import collect, update
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, dataset, models = ppo_setup(args, Path(tmp))
@@ -184,7 +184,7 @@ def bench_ppo(args: argparse.Namespace) -> None:
 
 def bench_buffer(args: argparse.Namespace) -> None:
     """Bytes per 1,000 pairs: our rollout buffer (clip objective, every field set) vs the original's features."""
-    from epoch_loops.ranking_ppo import Rollout
+    from epoch_loops.ranking.ppo import Rollout
 
     n, sizes = 1000, LabelRankingConfig()
     rollout = Rollout(

@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from datasets.activitynet import CSV_COLUMNS
+from datasets.captioning.activitynet import CSV_COLUMNS
 from utilities.errors import InputError
 from utilities.files import atomic_path
 

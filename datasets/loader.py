@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
-from datasets.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
+from datasets.captioning.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
 from utilities.errors import InputError
 from utilities.seeding import data_generator, seed_worker
 

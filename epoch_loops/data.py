@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from datasets.activitynet import missing_videos, read_captions_csv
+from datasets.captioning.activitynet import missing_videos, read_captions_csv
 from datasets.features import H5_SUFFIXES, open_feature_store, pack_directory
 from datasets.vocabulary import vocabulary_from_config
 from utilities.config import Config

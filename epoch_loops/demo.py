@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from datasets.activitynet import (
+from datasets.captioning.activitynet import (
     CaptionDataset,
     build_caption_dataset,
     open_stores,
@@ -30,8 +30,8 @@ from datasets.activitynet import (
 from datasets.demo import ensure_demo_dataset
 from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
-from epoch_loops.captioning import submission_of, train
-from epoch_loops.ranking_demo import ranking_demo
+from epoch_loops.captioning.train import submission_of, train
+from epoch_loops.ranking.demo import ranking_demo
 from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.meteor import Meteor
 from utilities.config import Config

@@ -2,10 +2,10 @@
 
 `--task captioning`: a dense-captioning submission, scored with the official metrics; prints the table (×100)
 and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pretrained_model_dir DIR` instead of
-`--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning`; this path, and
+`--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning.train`; this path, and
 only this one, imports torch).
 `--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k; prints one
-line per metric; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead (epoch_loops/ranking.py,
+line per metric; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead (epoch_loops/ranking/stages.py,
 the only path that imports torch).
 """
 
@@ -32,7 +32,7 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
     """A predictions file (no torch), or a checkpoint that scores `--test_path` (torch imported here only)."""
     if cfg.pretrained_model_path:
         from epoch_loops.procedures import resolve_device
-        from epoch_loops.ranking import evaluate_checkpoint
+        from epoch_loops.ranking.stages import evaluate_checkpoint
 
         cfg.device = resolve_device(cfg.device)
         evaluate_checkpoint(cfg, run)
@@ -52,7 +52,7 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
 
 def evaluate_captioning(cfg: Config, run: RunDir) -> None:
     if not cfg.submission and cfg.rl_pretrained_model_dir:
-        from epoch_loops.captioning import validate_checkpoint_procedure
+        from epoch_loops.captioning.train import validate_checkpoint_procedure
 
         validate_checkpoint_procedure(cfg, run)
         return

@@ -30,13 +30,13 @@ PROCEDURES: dict[str, Procedure] = {
     "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
-    "train_critic": Procedure("epoch_loops.critic:train_critic"),
-    "train_rl_cap": Procedure("epoch_loops.captioning:train_rl_cap"),
-    "predict": Procedure("epoch_loops.predict:predict"),
-    "pointwise": Procedure("epoch_loops.ranking:pointwise"),
-    "reward": Procedure("epoch_loops.ranking:reward"),
-    "ppo": Procedure("epoch_loops.ranking_ppo:ppo"),
-    "export_ranking": Procedure("epoch_loops.ranking:export_ranking"),
+    "train_critic": Procedure("epoch_loops.captioning.critic:train_critic"),
+    "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap"),
+    "predict": Procedure("epoch_loops.captioning.predict:predict"),
+    "pointwise": Procedure("epoch_loops.ranking.stages:pointwise"),
+    "reward": Procedure("epoch_loops.ranking.stages:reward"),
+    "ppo": Procedure("epoch_loops.ranking.ppo:ppo"),
+    "export_ranking": Procedure("epoch_loops.ranking.checkpoints:export_ranking"),
 }
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.activitynet import (
+from datasets.captioning.activitynet import (
     CSV_COLUMNS,
     build_caption_dataset,
     read_captions_csv,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.bmhrl import (
+from model.captioning.bmhrl import (
     AgentConfig,
     BMHRLAgent,
     HeuristicSegmenter,
@@ -20,7 +20,7 @@ from model.bmhrl import (
     trainable_parameters,
     worker_value_function,
 )
-from model.losses import label_smoothing_loss
+from model.captioning.losses import label_smoothing_loss
 from utilities.errors import InputError
 
 # Small sizes (the paper's: 1024 / 128 / 300 / 1024 / 1024 / 512 / 64, H=4, N=2).

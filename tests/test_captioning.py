@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.activitynet import CSV_COLUMNS, read_captions_csv
+from datasets.captioning.activitynet import CSV_COLUMNS, read_captions_csv
 from datasets.features import crop_indices, pack_directory
 from datasets.vocabulary import Vocabulary
-from epoch_loops import captioning
-from epoch_loops.agent_files import (
+from epoch_loops.captioning import train as captioning
+from epoch_loops.captioning.agent_files import (
     AGENT_FILE,
     MANAGER_VALUE_FILE,
     TRAINING_FILE,
@@ -32,10 +32,10 @@ from epoch_loops.agent_files import (
     build_agents,
     save_agents,
 )
-from epoch_loops.captioning import caption_text
+from epoch_loops.captioning.train import caption_text
 from main import build_parser, main
-from model.bmhrl import AgentConfig, SegmentCritic, load_original_state_dict
-from model.decoding import greedy_decode
+from model.captioning.bmhrl import AgentConfig, SegmentCritic, load_original_state_dict
+from model.captioning.decoding import greedy_decode
 from tests.conftest import REPO, requires_java
 from tests.test_bmhrl_model import is_dead, original_agent_shapes
 from utilities.config import Config

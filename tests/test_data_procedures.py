@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.features import open_feature_store
 from main import main
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from model.bmhrl import AgentConfig, BMHRLAgent
-from model.decoding import beam_search, greedy_decode, sample
+from model.captioning.bmhrl import AgentConfig, BMHRLAgent
+from model.captioning.decoding import beam_search, greedy_decode, sample
 from tests.test_bmhrl_model import END, PAD, SMALL, V, loaded_agent, make_inputs, original_state_dict
 
 ITOS = [" UNK ", "<blank>", "<s>", "</s>", ",", ".", "and", "then", *[f"w{i}" for i in range(V - 8)]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.demo import ACTIONS, AUDIO_STRIDE_S, VIDEO_STRIDE_S, ensure_demo_dataset
 from datasets.features import open_feature_store
 from datasets.vocabulary import build_vocabulary, tokenize

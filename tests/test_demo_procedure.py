@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from epoch_loops.demo import DEMO_RL
 from main import main
 from tests.conftest import requires_java

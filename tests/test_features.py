@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.features import H5Store, crop_indices, open_feature_store, pack_directory
 from utilities.errors import InputError
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from model.label_ranking import (
+from model.ranking.scorer import (
     CrossAttention,
     FusionScorer,
     LabelRankingConfig,

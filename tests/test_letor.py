@@ -1,11 +1,11 @@
-"""LETOR svmlight reader (datasets/letor.py) on real MQ2008 rows and on hand-written ones; NDCG on real queries."""
+"""LETOR svmlight reader (datasets/ranking/letor.py) on real MQ2008 rows and on hand-written ones; NDCG on real queries."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from datasets.letor import read_letor
+from datasets.ranking.letor import read_letor
 from evaluation.ranking import clip_ndcg
 from utilities.errors import InputError
 

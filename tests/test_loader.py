@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import datasets.loader as loader_module
-from datasets.activitynet import build_caption_dataset, read_captions_csv
+from datasets.captioning.activitynet import build_caption_dataset, read_captions_csv
 from datasets.demo import ensure_demo_dataset
 from datasets.features import pack_directory
 from datasets.loader import CaptionLoader, caption_loaders, ring_bytes, ring_slots, train_loader, val_loader

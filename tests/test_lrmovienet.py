@@ -1,4 +1,4 @@
-"""LRMovieNet readers and samples (datasets/lrmovienet.py): validation errors, frame slots, the stages' samples."""
+"""LRMovieNet readers and samples (datasets/ranking/lrmovienet.py): validation errors, frame slots, the stages' samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.lrmovienet import (
+from datasets.ranking.lrmovienet import (
     STORED_ORDER,
     ClipDataset,
     ClipFeatures,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasets.demo import ensure_ranking_demo
-from datasets.lrmovienet import (
+from datasets.ranking.lrmovienet import (
     ClipDataset,
     ClipFeatures,
     PPOPairDataset,

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from datasets.demo import ensure_ranking_demo
-from datasets.lrmovienet import PPOPairDataset, read_clip_list
-from epoch_loops import ranking
-from epoch_loops.ranking import open_features, read_ranking_weights
-from epoch_loops.ranking_ppo import build_models, collect, minibatch_loss, update
+from datasets.ranking.lrmovienet import PPOPairDataset, read_clip_list
+from epoch_loops.ranking import stages as ranking
+from epoch_loops.ranking.checkpoints import read_ranking_weights
+from epoch_loops.ranking.ppo import build_models, collect, minibatch_loss, update
+from epoch_loops.ranking.stages import open_features
 from main import build_parser, main
-from model.label_ranking import LabelRankingConfig
-from model.ranking_losses import clip_ppo_loss, lr2ppo_loss
+from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
+from model.ranking.scorer import LabelRankingConfig
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
 
@@ -287,7 +288,7 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
 def test_demo_ppo_beats_the_pointwise_model_on_the_target_domain(tmp_path):
     """Issue 11's acceptance on the demo (about a minute): reward accuracy ≥ 0.7 on held-out target comparisons,
     and both PPO objectives above the source-trained scorer on the target test split."""
-    from epoch_loops.ranking_demo import ranking_demo
+    from epoch_loops.ranking.demo import ranking_demo
     from utilities.run_dir import RunDir
 
     argv = ["--procedure", "demo", "--demo_dir", str(tmp_path / "demo"), "--log_dir", str(tmp_path / "log")]

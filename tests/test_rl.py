@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.loader import caption_loaders
 from datasets.vocabulary import Vocabulary, vocabulary_from_config
-from epoch_loops import captioning, rl
-from epoch_loops.agent_files import AGENT_FILE, TRAINING_FILE
+from epoch_loops.captioning import rl
+from epoch_loops.captioning import train as captioning
+from epoch_loops.captioning.agent_files import AGENT_FILE, TRAINING_FILE
 from evaluation.meteor import Meteor
 from evaluation.rewards import MeteorReward, SentenceReward, hypothesis_text
 from main import build_parser, main
-from model.losses import BIASED_KL_SCALE, biased_kl_loss, label_smoothing_loss
+from model.captioning.losses import BIASED_KL_SCALE, biased_kl_loss, label_smoothing_loss
 from tests.conftest import requires_java
 from tests.test_captioning import tiny_argv, write_tiny_dataset
 from utilities.config import Config

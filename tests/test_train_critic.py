@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from datasets.segment_labels import read_seg_labels_json
-from epoch_loops.critic import BoundaryCounts, heuristic_labels, masked_bce, trivial_baselines
+from datasets.captioning.segment_labels import read_seg_labels_json
+from epoch_loops.captioning.critic import BoundaryCounts, heuristic_labels, masked_bce, trivial_baselines
 from main import main
-from model.bmhrl import SegmentCritic, load_original_state_dict
+from model.captioning.bmhrl import SegmentCritic, load_original_state_dict
 from utilities.checkpoint import load_checkpoint
 
 HEADER = "video_id\tcaption\tstart\tend\tduration\tphase\tidx\n"
@@ -133,7 +133,7 @@ def test_boundary_metrics_against_hand_counts():
 
 
 def test_trivial_baselines():
-    from epoch_loops.critic import CriticData
+    from epoch_loops.captioning.critic import CriticData
 
     data = CriticData([torch.tensor([2, 5, 6, 7])], [torch.tensor([0.0, 1.0, 0.0, 0.0])])
     baselines = trivial_baselines(data)

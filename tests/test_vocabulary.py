@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.vocabulary import Vocabulary, build_vocabulary, tokenize
 from utilities.errors import InputError
 

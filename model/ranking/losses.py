@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.label_ranking import plackett_luce_entropy, plackett_luce_log_prob
+from model.ranking.scorer import plackett_luce_entropy, plackett_luce_log_prob
 
 
 def pointwise_loss(scores: Tensor, targets: Tensor, mask: Tensor, beta: float = 0.3) -> Tensor:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from datasets.features import crop_indices, load_npy, open_feature_store
-from epoch_loops.agent_files import load_agents
-from epoch_loops.captioning import caption_text, decode
+from epoch_loops.captioning.agent_files import load_agents
+from epoch_loops.captioning.train import caption_text, decode
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.files import write_json_atomic

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.bimodal_encoder import BiModalEncoder, UniModalEncoder
 from model.blocks import (
     KeyValue,
     LayerStack,
@@ -33,6 +32,7 @@ from model.blocks import (
     VocabularyEmbedder,
     causal_mask,
 )
+from model.captioning.bimodal_encoder import BiModalEncoder, UniModalEncoder
 from utilities.config import settings_for
 from utilities.errors import InputError
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets.demo import ensure_ranking_demo
-from epoch_loops.ranking import pointwise, reward
-from epoch_loops.ranking_ppo import ppo
+from epoch_loops.ranking.ppo import ppo
+from epoch_loops.ranking.stages import pointwise, reward
 from utilities.config import Config
 from utilities.run_dir import RunDir
 from utilities.seeding import seed_everything

@@ -4,7 +4,7 @@ One episode = one label pair (a, b) of one clip (spec §5.4). The actor (the sta
 ranks it; the frozen reward model scores `[a, b, 1st, 2nd]`; the critic (started from the reward model) values
 the unordered state `[a, b]`. Rollouts of `--update_timesteps` batches are collected, then the actor and critic
 are updated `--ppo_epochs` times over the rollout in minibatches of `--minibatch_size`, then the actor is
-validated on `--dev_path` and the best actor+critic is kept. Two objectives (model/ranking_losses.py):
+validated on `--dev_path` and the best actor+critic is kept. Two objectives (model/ranking/losses.py):
 - `lr2ppo` (the paper's): the action is the deterministic sort of the scores; an |advantage|-weighted hinge
   keeps the action's order when the advantage is at least `--advantage_threshold`, else swaps it;
 - `clip`: a Plackett–Luce policy over the scores (`--pl_temperature`), sampled orders, the clipped ratio
@@ -28,36 +28,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datasets.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset, read_clip_list
-from epoch_loops.ranking import (
+from datasets.ranking.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset, read_clip_list
+from epoch_loops.ranking.checkpoints import actor_state, load_weights, read_ranking_weights, reward_state
+from epoch_loops.ranking.stages import (
     Saver,
-    actor_state,
     adamw,
     graded_splits,
     linear_schedule,
-    load_weights,
     loader,
     ndcg,
     open_features,
     optimiser_step,
     print_dry_run,
     print_trainable,
-    read_ranking_weights,
     report,
     require,
-    reward_state,
     stream_seed,
     write_final_metrics,
 )
 from evaluation.ranking import SELECTION_METRIC
-from model.label_ranking import (
+from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
+from model.ranking.scorer import (
     FusionScorer,
     LabelRankingConfig,
     RewardModel,
     plackett_luce_log_prob,
     sample_plackett_luce,
 )
-from model.ranking_losses import clip_ppo_loss, lr2ppo_loss
 from utilities.checkpoint import load_checkpoint, restore_training_state, training_state
 from utilities.config import Config
 from utilities.errors import InputError
@@ -73,7 +70,7 @@ class Rollout:
 
     clip_ids: list[str]
     labels: Tensor  # (N, 2) label positions in the clip
-    frame_keys: Tensor  # (N,) frame order the actor saw (datasets.lrmovienet.frame_slots)
+    frame_keys: Tensor  # (N,) frame order the actor saw (datasets.ranking.lrmovienet.frame_slots)
     order: Tensor  # (N, 2) the action: positions 0/1 of the pair, ranked
     scores_old: Tensor  # (N, 2) actor scores at rollout
     log_prob_old: Tensor  # (N,) log-probability of `order` under the rollout policy

@@ -24,7 +24,7 @@ score is G_t = Σ_{t'≥t} γ_w^{t'−t} ΔR_t' (γ_w = --rl_gamma_worker); the 
 discounted sum of the gains of the sub-goals from there (γ = --rl_gamma_manager). With --rl_stabilize the value
 function's prediction is subtracted. The amplitude a_t = clamp(score · p(ŷ_t) · N, 0, 1) (N: the row's tokens or
 goals) moves a share (1 − ε) · a_t of the target distribution's mass from the ground-truth token to ŷ_t
-(`model.losses.biased_kl_loss`); a is detached unless --compat_biased_kl_grad.
+(`model.captioning.losses.biased_kl_loss`); a is detached unless --compat_biased_kl_grad.
 
 Both objectives train the trained module's value function (MSE on the masked positions, --rl_value_function_lr)
 against the undiscounted-by-baseline scores above. Every epoch returns means of what matters: reward, baseline,
@@ -45,14 +45,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.activitynet import CaptionBatch
+from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
-from epoch_loops.agent_files import Agents
-from epoch_loops.trainer import Trainer, diverged, optimiser_step
+from epoch_loops.captioning.agent_files import Agents
+from epoch_loops.training import Trainer, diverged, optimiser_step
 from evaluation.meteor import JavaError
 from evaluation.rewards import SentenceReward, build_reward, hypothesis_text, reference_tokens
-from model.decoding import greedy_decode, sample
-from model.losses import biased_kl_loss
+from model.captioning.decoding import greedy_decode, sample
+from model.captioning.losses import biased_kl_loss
 from utilities.config import Config
 from utilities.distributed import loss_normaliser
 from utilities.errors import InputError

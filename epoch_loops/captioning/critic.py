@@ -3,7 +3,7 @@ sub-goal ends, and write it as the original's `critic.cp` for `train_rl_cap --rl
 
 Input (chosen by the file extension): a caption CSV, labelled per token by the heuristic segmenter (a token ends
 a segment when it is punctuation or the next token is a clause-joining word), or a Charades-Captions-style JSON
-with per-word `seg_labels` (`datasets/segment_labels.py`). The critic reads what the agent feeds it: the decoder
+with per-word `seg_labels` (`datasets/captioning/segment_labels.py`). The critic reads what the agent feeds it: the decoder
 input `<s> w1 … wn` embedded with the agent's vocabulary and word vectors (× √d). Those embeddings are not part of
 `critic.cp`, so with GloVe the critic serves any vocabulary; with `--word_emb_caps random` it only fits an agent
 with the same vocabulary and `--seed`.
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets.activitynet import read_captions_csv
+from datasets.captioning.activitynet import read_captions_csv
+from datasets.captioning.segment_labels import LabelledCaption, read_seg_labels_json
 from datasets.embeddings import embedding_matrix
-from datasets.segment_labels import LabelledCaption, read_seg_labels_json
 from datasets.vocabulary import Vocabulary, tokenize, vocabulary_from_config
 from model.blocks import VocabularyEmbedder
-from model.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
+from model.captioning.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
 from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from utilities.config import Config
 from utilities.distributed import loss_normaliser

@@ -27,7 +27,7 @@ import torch
 
 from datasets.embeddings import embedding_matrix
 from datasets.vocabulary import Vocabulary
-from model.bmhrl import (
+from model.captioning.bmhrl import (
     AgentConfig,
     BMHRLAgent,
     ValueFunction,

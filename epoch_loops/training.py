@@ -1,6 +1,6 @@
 """The training machinery every captioning epoch function shares: the `Trainer` (agent, value functions, one
 Adam with a named parameter group per trained module group) and the optimiser step with its non-finite stop.
-The warm start (epoch_loops/captioning.py) and the RL epochs (epoch_loops/rl.py) both step through here."""
+The warm start (epoch_loops/captioning/train.py) and the RL epochs (epoch_loops/captioning/rl.py) both step through here."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from datasets.activitynet import CaptionBatch
+from datasets.captioning.activitynet import CaptionBatch
 from datasets.loader import CaptionLoader
-from epoch_loops.agent_files import Agents
+from epoch_loops.captioning.agent_files import Agents
 from evaluation.meteor import Meteor
 from utilities.config import Config
 from utilities.errors import InputError
@@ -35,9 +35,7 @@ class Trainer:
     meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
     step: int = 0  # optimiser steps done
     last_checkpoint: str | None = None  # for error messages: the newest complete checkpoint folder
-    rewards: Any = (
-        None  # the RL reward and tokenised references (epoch_loops.rl), built at the first RL epoch
-    )
+    rewards: Any = None  # the RL reward and tokenised references (epoch_loops.captioning.rl), built at the first RL epoch
 
     @classmethod
     def create(cls, cfg: Config, agents: Agents, train_batches: CaptionLoader, meteor: Meteor) -> Trainer:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from datasets.activitynet import (
+from datasets.captioning.activitynet import (
     CaptionBatch,
     CaptionDataset,
     Segment,
@@ -39,20 +39,20 @@ from datasets.activitynet import (
 )
 from datasets.loader import CaptionLoader, caption_loaders
 from datasets.vocabulary import Vocabulary, vocabulary_from_config
-from epoch_loops import rl
-from epoch_loops.agent_files import (
+from epoch_loops.captioning import rl
+from epoch_loops.captioning.agent_files import (
     TRAINING_FILE,
     is_checkpoint_folder,
     load_agents,
     new_agents,
     save_agents,
 )
-from epoch_loops.trainer import Trainer, optimiser_step
+from epoch_loops.training import Trainer, optimiser_step
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
 from evaluation.meteor import Meteor
-from model.bmhrl import BMHRLAgent, trainable_parameters
-from model.decoding import beam_search, greedy_decode
-from model.losses import label_smoothing_loss
+from model.captioning.bmhrl import BMHRLAgent, trainable_parameters
+from model.captioning.decoding import beam_search, greedy_decode
+from model.captioning.losses import label_smoothing_loss
 from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
 from utilities.distributed import global_sum, loss_normaliser

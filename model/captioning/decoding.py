@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.bmhrl import BMHRLAgent
+from model.captioning.bmhrl import BMHRLAgent
 
 
 def _first_ids(agent: BMHRLAgent, batch_size: int, device) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 `--procedure pointwise` trains the fusion scorer on graded labels (SmoothL1 on the relevance levels);
 `--procedure reward` trains the pairwise reward model (margin ranking loss); `--procedure ppo`
-(epoch_loops/ranking_ppo.py) adapts the scorer with the frozen reward model. Each stage validates every
+(epoch_loops/ranking/ppo.py) adapts the scorer with the frozen reward model. Each stage validates every
 `--report_steps` steps on `--dev_path`, keeps the best weights (`checkpoints/best.pt`) and the full training
 state (`checkpoints/last.pt`, for `--resume`), and at the end reports the selected weights on `--dev_path` and
 `--test_path` in metrics.json. `--procedure export_ranking` converts between our checkpoints and the original's
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from datasets.lrmovienet import (
+from datasets.ranking.lrmovienet import (
     ClipDataset,
     ClipFeatures,
     LabelBatch,
@@ -38,19 +38,22 @@ from datasets.lrmovienet import (
     collate_labels,
     read_clip_list,
 )
+from epoch_loops.ranking.checkpoints import (
+    actor_state,
+    load_weights,
+    model_sizes,
+    read_ranking_weights,
+    weights_checkpoint,
+)
 from evaluation.ranking import SELECTION_METRIC, clip_case, clip_ndcg, mean_ndcg, pair_accuracy
-from model.label_ranking import (
+from model.ranking.losses import pointwise_loss, reward_margin_loss
+from model.ranking.scorer import (
     FusionScorer,
     LabelRankingConfig,
     RewardModel,
-    check_state_layout,
     count_trainable_parameters,
-    join_ppo_state,
-    split_ppo_state,
 )
-from model.ranking_losses import pointwise_loss, reward_margin_loss
 from utilities.checkpoint import (
-    FORMAT_VERSION,
     load_checkpoint,
     restore_training_state,
     save_checkpoint,
@@ -64,111 +67,6 @@ from utilities.run_dir import RunDir, is_rank0
 from utilities.seeding import seed_worker
 
 log = logging.getLogger(__name__)
-KINDS = ("pointwise", "reward", "ppo")
-
-
-# --- checkpoints: ours and the original's .bin files ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RankingWeights:
-    """Model weights read from a checkpoint, in our key layout (= the original's; PPO: `actor.*` + `critic.*`).
-    `saved_config` is our checkpoint's config (model sizes); None for a released `.bin`."""
-
-    kind: str  # pointwise | reward | ppo
-    state: dict[str, Tensor]
-    source: str
-    saved_config: dict[str, Any] | None = None
-
-
-def read_ranking_weights(path: str | Path) -> RankingWeights:
-    """Our checkpoint (`best.pt`/`last.pt`) or a released plain state dict (spec §7), loaded with weights_only.
-    A released file's kind follows from its keys: `actor.*`/`critic.*` PPO, `pos_emb.weight` reward."""
-    state = load_checkpoint(path)
-    if "format_version" in state and "model" in state:
-        kind = state.get("kind")
-        if kind not in KINDS:
-            raise InputError(f"{path}: not a label-ranking checkpoint (kind {kind!r})")
-        return RankingWeights(kind, state["model"], str(path), state.get("config"))
-    stray = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if stray:
-        raise InputError(f"{path}: neither our checkpoint nor a plain state dict (non-tensor {stray[:3]})")
-    if any(k.startswith(("actor.", "critic.")) for k in state):
-        kind = "ppo"
-    elif "pos_emb.weight" in state:
-        kind = "reward"
-    else:
-        kind = "pointwise"
-    return RankingWeights(kind, state, str(path))
-
-
-def model_sizes(cfg: Config, weights: RankingWeights | None = None) -> LabelRankingConfig:
-    """The sizes in our checkpoint's config when there is one (else the flags); `--compat_xit_attention` on the
-    command line or in the checkpoint's config switches the original's attention on."""
-    if weights is None or weights.saved_config is None:
-        return LabelRankingConfig.from_config(cfg)
-    saved = LabelRankingConfig.from_config(Config(**weights.saved_config))
-    return LabelRankingConfig(
-        **{**saved.__dict__, "compat_xit_attention": saved.compat_xit_attention or cfg.compat_xit_attention}
-    )
-
-
-def actor_state(weights: RankingWeights) -> dict[str, Tensor]:
-    """Scorer weights: a pointwise checkpoint, or the actor of a PPO one."""
-    if weights.kind == "pointwise":
-        return weights.state
-    if weights.kind == "ppo":
-        return split_ppo_state(weights.state, weights.source)[0]
-    raise InputError(
-        f"{weights.source}: a reward-model checkpoint; a scorer (pointwise or PPO) is needed here"
-    )
-
-
-def reward_state(weights: RankingWeights) -> dict[str, Tensor]:
-    if weights.kind != "reward":
-        raise InputError(
-            f"{weights.source}: a {weights.kind} checkpoint; a reward-model checkpoint is needed"
-        )
-    return weights.state
-
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
-    check_state_layout(state, model, source)
-    model.load_state_dict(state)
-    return model
-
-
-def export_ranking(cfg: Config, run: RunDir) -> None:
-    """`--procedure export_ranking --pretrained_model_path IN --export_path OUT [--export_format released|ours]`:
-    released = the original's plain state dict (pointwise / reward / PPO `actor.*`+`critic.*` keys); ours = a
-    checkpoint of ours with the model sizes (from IN, or from the flags for a released `.bin`)."""
-    if not cfg.pretrained_model_path or not cfg.export_path:
-        raise InputError("--procedure export_ranking needs --pretrained_model_path IN and --export_path OUT")
-    weights = read_ranking_weights(cfg.pretrained_model_path)
-    sizes = model_sizes(cfg, weights)
-    with torch.device("meta"):  # checks the layout against the sizes without allocating the model
-        models = {"pointwise": sizes.build_scorer, "reward": sizes.build_reward_model}
-        if weights.kind == "ppo":
-            actor, critic = split_ppo_state(weights.state, weights.source)
-            check_state_layout(actor, sizes.build_scorer(), f"{weights.source} (actor)")
-            check_state_layout(critic, sizes.build_reward_model(), f"{weights.source} (critic)")
-            state = join_ppo_state(actor, critic)
-        else:
-            check_state_layout(weights.state, models[weights.kind](), weights.source)
-            state = weights.state
-    if cfg.export_format == "released":
-        content = dict(state)
-    else:
-        saved = weights.saved_config or {**cfg.to_dict(), **sizes.__dict__}
-        content = weights_checkpoint(weights.kind, state, Config(**saved))
-    if is_rank0():
-        save_checkpoint(cfg.export_path, content)
-    print(f"{weights.kind} checkpoint {weights.source} → {cfg.export_path} ({cfg.export_format} layout)")
-
-
-def weights_checkpoint(kind: str, state: dict[str, Tensor], cfg: Config, **extra: Any) -> dict[str, Any]:
-    """Our weights-only checkpoint: the state dict in the original's keys, the kind and the run's config."""
-    return {"format_version": FORMAT_VERSION, "kind": kind, "model": state, "config": cfg.to_dict(), **extra}
 
 
 @dataclass
