@@ -46,13 +46,20 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 class Config:
-    """Attribute access to the run's settings; JSON round-trip with `save`/`load`."""
+    """Attribute access to the run's settings; JSON round-trip with `save`/`load`. `given` names the settings
+    the user gave explicitly on the command line (parsed from argv; not saved): what a resume or a loaded
+    checkpoint may not silently override, or must refuse."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, given: frozenset[str] = frozenset(), **settings: Any):
         self.__dict__.update(settings)
+        self.__dict__["_given"] = frozenset(given)
+
+    @property
+    def given(self) -> frozenset[str]:
+        return self.__dict__.get("_given", frozenset())
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, dict(sorted(self.to_dict().items())))
@@ -68,7 +75,7 @@ class Config:
         return isinstance(other, Config) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"Config({', '.join(f'{k}={v!r}' for k, v in sorted(self.__dict__.items()))})"
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in sorted(self.to_dict().items()))})"
 
 
 def settings_for(dataclass_type: type, cfg: Any) -> dict[str, Any]:
@@ -95,9 +102,11 @@ def _explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[st
 
 
 def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config:
-    """Parse `argv`; with `--config FILE`, start from FILE's settings and let explicit flags override them."""
+    """Parse `argv`; with `--config FILE`, start from FILE's settings and let explicit flags override them.
+    The result's `given` names the flags on the command line."""
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
-        return Config(**vars(parser.parse_args(argv)))
+        settings = vars(parser.parse_args(argv))
+        return Config(given=frozenset(_explicit_flags(parser, argv)), **settings)
     explicit = _explicit_flags(parser, argv)
     try:
         saved = Config.load(explicit["config"]).to_dict()
@@ -117,7 +126,7 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
         parser.error("--procedure is required (neither given nor in the config file)")
     if settings["procedure"] not in _choices(parser, "procedure"):
         parser.error(f"unknown procedure {settings['procedure']!r} in {explicit['config']}")
-    return Config(**settings)
+    return Config(given=frozenset(explicit), **settings)
 
 
 def _choices(parser: argparse.ArgumentParser, dest: str) -> list[str]:
