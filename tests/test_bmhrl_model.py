@@ -335,16 +335,36 @@ def test_paper_size_parameter_counts():
     assert trainable_parameters(worker_vf) == 531_441 and trainable_parameters(manager_vf) == 361_201
 
 
+def test_a_checkpoint_of_other_sizes_names_the_size_flags_that_fit_not_the_keys():
+    other = AgentConfig(**{**SMALL.__dict__, "d_model": 2 * D_MODEL, "rl_goal_d": 7, "rl_att_layers": 1})
+    state = BMHRLAgent(V, other).state_dict()
+    with pytest.raises(InputError) as err:
+        load_original_state_dict(BMHRLAgent(V, SMALL), state, "ckpt")
+    message = str(err.value)
+    assert message.startswith("ckpt does not fit the model: it was saved at other sizes: it fits ")
+    assert (
+        "fits --d_model 32 --rl_goal_d 7 --rl_att_layers 1 (this model: --d_model 16 --rl_goal_d 6 "
+        in message
+    )
+    assert len(message) < 250
+    wide_critic = SegmentCritic(2 * D_CAPS).state_dict()
+    with pytest.raises(
+        InputError, match=r"critic\.cp .*it fits --d_model_caps 24 \(this model: --d_model_caps 12"
+    ):
+        load_original_state_dict(SegmentCritic(D_CAPS), wide_critic, "critic.cp")
+
+
 def test_loading_reports_bad_keys_shapes_and_vocabulary():
     agent = BMHRLAgent(V, SMALL)
     state = original_state_dict()
     missing = {k: v for k, v in state.items() if k != "manager.linear.bias"}
-    with pytest.raises(InputError, match=r"ckpt.*missing keys: manager\.linear\.bias"):
+    with pytest.raises(InputError, match=r"ckpt.*missing keys \(1\): manager\.linear\.bias"):
         load_original_state_dict(agent, missing, "ckpt")
-    with pytest.raises(InputError, match=r"unexpected keys: extra\.weight"):
+    with pytest.raises(InputError, match=r"unexpected keys \(1\): extra\.weight"):
         load_original_state_dict(agent, {**state, "extra.weight": torch.zeros(1)}, "ckpt")
-    with pytest.raises(InputError, match=r"wrong shapes: manager\.linear\.weight \(7, 12\)"):
-        load_original_state_dict(agent, {**state, "manager.linear.weight": torch.zeros(7, D_CAPS)}, "ckpt")
+    with pytest.raises(InputError, match=r"mis-shaped \(1\): relu\.alpha: checkpoint \(2,\) vs model \(1,\)"):
+        critic_state = {k.removeprefix("critic."): v for k, v in state.items() if k.startswith("critic.")}
+        load_original_state_dict(agent.critic, {**critic_state, "relu.alpha": torch.zeros(2)}, "ckpt")
     wrong_vocab = {**state, "emb_C.embedder.weight": torch.zeros(V + 1, D_CAPS)}
     with pytest.raises(InputError, match=rf"vocabulary has {V + 1} tokens.*ours has {V}"):
         load_original_state_dict(agent, wrong_vocab, "ckpt")

@@ -341,9 +341,17 @@ def test_ppo_export_import_round_trip_and_layout_errors():
     del bad["head.bias"]
     bad["out_layer.fc1.weight"] = torch.zeros(3, 3)
     with pytest.raises(
-        InputError, match=r"missing keys \(1\): head\.bias.*out_layer\.fc1\.weight \[3, 3\].*--max_imgs"
+        InputError,
+        match=r"missing keys \(1\): head\.bias.*out_layer\.fc1\.weight: checkpoint \(3, 3\).*--max_imgs",
     ):
         check_state_layout(bad, FusionScorer(**SMALL), "pointwise.bin")
+    wider = FusionScorer(**{**SMALL, "visual_feat_dim": 2 * D, "feedforward_size": 2 * FF}).state_dict()
+    with pytest.raises(InputError) as err:
+        check_state_layout(wider, FusionScorer(**SMALL), "pointwise.bin")
+    assert "it fits --visual_feat_dim 32 --feedforward_size 48 (this model: --visual_feat_dim 16 " in str(
+        err.value
+    )
+    assert len(str(err.value)) < 300
     with pytest.raises(InputError, match=r"ppo\.bin: keys outside.*head\.bias"):
         split_ppo_state({**released, "head.bias": torch.zeros(1)}, "ppo.bin")
     with pytest.raises(InputError, match=r"no critic\.\* keys"):

@@ -7,9 +7,10 @@ and scheduler state, epoch/step, the best metric, every RNG state, the config an
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import zipfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,28 +57,68 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+# (flag, state-dict key, axis): `state[key].shape[axis]` is the flag's value; axis None: the key holds a `{}` for
+# a layer index and the flag is the number of layers present. A model lists its own as `SIZE_KEYS`.
+SizeKey = tuple[str, str, int | None]
+
+
 def load_model_state(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
-    """Strict load that says exactly which keys are missing, unexpected or of the wrong shape."""
+    """Strict load; a state that does not fit is an InputError from `state_mismatch`."""
+    problem = state_mismatch(state_dict, model)
+    if problem:
+        raise InputError(f"{source} does not fit the model: {problem}")
+    model.load_state_dict(state_dict)
+
+
+def state_mismatch(state: Mapping[str, Any], model: nn.Module) -> str | None:
+    """Why `state` does not fit `model`, or None. When the model's `SIZE_KEYS` show the state was saved at other
+    sizes, the answer names the size flags that would fit (short, pasteable); otherwise it lists the missing,
+    unexpected and mis-shaped keys."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    misshaped = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(k for k in set(own) & set(state) if _shape(state[k]) != tuple(own[k].shape))
+    if not (missing or unexpected or misshaped):
+        return None
+    counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys"
+    size_keys = getattr(model, "SIZE_KEYS", ())
+    saved, built = sizes_in_state(state, size_keys), sizes_in_state(own, size_keys)
+    differ = [flag for flag in saved if flag in built and saved[flag] != built[flag]]
+    if differ:
+        return (
+            f"it was saved at other sizes: it fits {' '.join(f'--{f} {saved[f]}' for f in differ)} "
+            f"(this model: {' '.join(f'--{f} {built[f]}' for f in differ)}; {counts})"
+        )
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_head(missing)}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_head(unexpected)}")
     if misshaped:
-        problems.append(f"mis-shaped ({len(misshaped)}): {_head(misshaped)}")
-    if problems:
-        raise InputError(f"{source} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state_dict)
+        shapes = [f"{k}: checkpoint {_shape(state[k])} vs model {tuple(own[k].shape)}" for k in misshaped]
+        problems.append(f"mis-shaped ({len(misshaped)}): {_head(shapes)}")
+    return "; ".join(problems)
+
+
+def sizes_in_state(state: Mapping[str, Any], size_keys: Sequence[SizeKey]) -> dict[str, int]:
+    """The size flags a state dict shows (see `SizeKey`); a flag's first key present in `state` gives it."""
+    sizes: dict[str, int] = {}
+    for flag, key, axis in size_keys:
+        if flag in sizes:
+            continue
+        if axis is None:
+            layers = next(i for i in itertools.count() if key.format(i) not in state)
+            if layers:
+                sizes[flag] = layers
+        elif isinstance(state.get(key), torch.Tensor) and state[key].dim() > axis:
+            sizes[flag] = int(state[key].shape[axis])
+    return sizes
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def training_state(

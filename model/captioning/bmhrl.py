@@ -33,6 +33,7 @@ from model.blocks import (
     causal_mask,
 )
 from model.captioning.bimodal_encoder import BiModalEncoder, UniModalEncoder
+from utilities.checkpoint import load_model_state
 from utilities.config import settings_for
 from utilities.errors import InputError
 
@@ -53,7 +54,8 @@ class AgentConfig:
 
     `mode`: BMHRL, AHRL (audio only), VHRL (video only), BM (no hierarchy). `segmenter`: 'critic' (the frozen
     pretrained segment critic) or 'heuristic' (`HeuristicSegmenter`, no weights). `rl_goal_att_heads` is the
-    worker's goal-attention head count (hard-coded 2 in the original)."""
+    worker's goal-attention head count (hard-coded 2 in the original). The fields in `RUN_SETTINGS` are not
+    sizes: a loaded checkpoint folder takes them from the flags given explicitly."""
 
     mode: str = "BMHRL"
     d_vid: int = 1024
@@ -85,6 +87,11 @@ class AgentConfig:
         if values.get("mode") not in MODALITIES:
             values["mode"] = "BMHRL"
         return cls(**values)
+
+
+# AgentConfig fields that do not shape the weights: loading a checkpoint folder keeps its sizes (and mode) but
+# lets these be changed with an explicit flag (epoch_loops/captioning/agent_files.py).
+RUN_SETTINGS = ("dout_p", "segmenter", "rl_critic_score_threshhold", "unfreeze_word_emb")
 
 
 @dataclass
@@ -280,6 +287,8 @@ class SegmentCritic(nn.Module):
     sigmoid(logit) > `threshold`. Causal (recurrent), so `step` gives the same labels one token at a time. The
     agent keeps it frozen; `logits` has gradients for training the critic itself."""
 
+    SIZE_KEYS = (("d_model_caps", "lstm.weight_ih_l0", 1),)  # a critic.cp at other sizes names its flag
+
     def __init__(self, d_caps: int = 300, threshold: float = 0.25, lstm_layers: int = 4, gru_layers: int = 2):
         super().__init__()
         self.threshold = threshold
@@ -390,6 +399,21 @@ class BMHRLAgent(nn.Module):
 
     The manager explores (Gaussian noise on each goal, drawn from `self.rng`) when `exploration` is on, which
     `set_phase("manager")` does, and only in training mode; decoding for validation never explores."""
+
+    # The keys whose shapes give the size flags (utilities.checkpoint.SizeKey), so that a checkpoint of other
+    # sizes is reported as the flags that would fit. The heads (--rl_att_heads) leave no trace in the shapes.
+    SIZE_KEYS = (
+        ("d_model_caps", "emb_C.embedder.weight", 1),
+        ("d_model", "bm_worker_fus.decoder.layers.0.self_att.linear_Q2d.weight", 0),
+        ("d_vid", "bm_worker_fus.decoder.layers.0.enc_att_V.linear_K2d.weight", 1),
+        ("d_aud", "bm_worker_fus.decoder.layers.0.enc_att_A.linear_K2d.weight", 1),
+        ("rl_ff_v", "bm_enc.encoder.layers.0.feed_forward_M1.fc1.weight", 0),
+        ("rl_ff_v", "v_enc.encoder.layers.0.feed_forward.fc1.weight", 0),
+        ("rl_ff_a", "bm_enc.encoder.layers.0.feed_forward_M2.fc1.weight", 0),
+        ("rl_ff_a", "a_enc.encoder.layers.0.feed_forward.fc1.weight", 0),
+        ("rl_goal_d", "manager.linear.weight", 0),
+        ("rl_att_layers", "bm_worker_fus.decoder.layers.{}.self_att.linear_Q2d.weight", None),
+    )
 
     def __init__(
         self,
@@ -620,8 +644,8 @@ def load_original_state_dict(
     """Load a state dict in the original's layout (agent, value function or critic.cp) into `module`.
 
     Drops the original's never-applied fusion feed-forward keys and a DataParallel `module.` prefix, then loads
-    strictly. Returns the dropped keys (for a note in the log). Raises InputError naming `source` and the keys
-    when keys are missing or unexpected, when shapes differ, or when the vocabulary size differs."""
+    strictly. Returns the dropped keys (for a note in the log). Raises InputError naming `source` when the
+    vocabulary size differs, and the fitting size flags or the keys otherwise (utilities.checkpoint)."""
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     dropped = sorted(k for k in state if DEAD_KEY.match(k))
     for key in dropped:
@@ -634,22 +658,5 @@ def load_original_state_dict(
                 f"{source}: the checkpoint's vocabulary has {state[key].shape[0]} tokens ({key}) but ours has "
                 f"{vocab_size}: give the checkpoint's vocabulary (--vocab_path)"
             )
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    problems = []
-    for what, keys in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("wrong shapes", mis_shaped),
-    ):
-        if keys:
-            problems.append(f"{what}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''} ({len(keys)})")
-    if problems:
-        raise InputError(f"{source}: does not match the model: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    load_model_state(module, state, source)
     return dropped

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utilities.checkpoint import state_mismatch
 from utilities.config import settings_for
 from utilities.errors import InputError
 
@@ -164,6 +165,14 @@ class FusionTrunk(nn.Module):
     the frame order and needs exactly `seq_length` tokens and `max_imgs` frames. `"pooled"`: attention-pooled
     text tokens and frames, concatenated (`[2d]`) into a small `out_layer`; invariant to the frame order.
     """
+
+    # The keys whose shapes give the size flags (utilities.checkpoint.SizeKey), for the error when a checkpoint
+    # of other sizes is loaded. `out_layer.fc1.weight` mixes --seq_length, --max_imgs and d, so it is not one.
+    SIZE_KEYS = (
+        ("visual_feat_dim", "img_proj.fc1.weight", 1),
+        ("text_feat_dim", "text_proj.fc1.weight", 1),
+        ("feedforward_size", "text_proj.fc1.weight", 0),
+    )
 
     def __init__(
         self,
@@ -321,33 +330,24 @@ def count_trainable_parameters(model: nn.Module) -> int:
 
 
 def check_state_layout(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
-    """Raise InputError naming the missing, unexpected and mis-shaped keys of `state` against `model`'s keys.
+    """Raise InputError when `state` does not fit `model`: the size flags that would fit, else the missing,
+    unexpected and mis-shaped keys (utilities.checkpoint.state_mismatch), and which kind of checkpoint it is.
 
     Pointwise and reward `.bin` files already use our keys, so after this check `model.load_state_dict(state)`
     is the whole import; `model.state_dict()` is the whole export.
     """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [
-        f"{k} {list(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__} "
-        f"(expected {list(expected[k].shape)})"
-        for k in expected
-        if k in state and (not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape)
-    ]
-    if not (missing or unexpected or misshaped):
+    problem = state_mismatch(state, model)
+    if problem is None:
         return
-    parts = [f"{source}: not a {type(model).__name__} state dict for these sizes"]
-    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", misshaped)):
-        if keys:
-            parts.append(f"{what} ({len(keys)}): {', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}")
+    parts = [f"{source}: not a {type(model).__name__} state dict for these sizes", problem]
+    unexpected, missing = set(state) - set(model.state_dict()), set(model.state_dict()) - set(state)
     if any(k.startswith(("actor.", "critic.")) for k in unexpected):
         parts.append("this is a PPO checkpoint (actor.* / critic.*): split it with split_ppo_state")
     elif "pos_emb.weight" in unexpected:
         parts.append("this is a reward-model checkpoint")
     elif "pos_emb.weight" in missing:
         parts.append("this is a pointwise (scorer) checkpoint")
-    if any(k.startswith("out_layer.") for k in misshaped):
+    if "out_layer.fc1.weight" in problem:
         parts.append(
             "out_layer's shape follows --seq_length, --max_imgs, --visual_feat_dim and --scorer_head"
         )
