@@ -10,7 +10,9 @@ and, ours only:
 - `training_state.pt`: optimiser, scheduler, counters, metric history and RNG states for an exact `--resume`.
 
 A released folder (only the three `.pt` files) needs its vocabulary via `--vocab_path`; its sizes come from the
-flags (the paper's defaults) and its segment critic from the `critic.*` keys of `bm_hrl_agent.pt`.
+flags (the paper's defaults) and its segment critic from the `critic.*` keys of `bm_hrl_agent.pt`. Our folder's
+sizes come from its agent_config.json; the settings that are not sizes (`RUN_SETTINGS`) and the critic
+(`--rl_critic_path`, or none with `--segmenter heuristic`) follow the flags given explicitly (`loaded_settings`).
 Every file is loaded with `torch.load(weights_only=True)`.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from datasets.embeddings import embedding_matrix
 from datasets.vocabulary import Vocabulary
 from model.captioning.bmhrl import (
+    RUN_SETTINGS,
     AgentConfig,
     BMHRLAgent,
     ValueFunction,
@@ -91,14 +94,18 @@ def new_agents(cfg, vocab: Vocabulary, load_weights: bool = True) -> Agents:
         vectors = embedding_matrix(cfg.word_emb_caps, vocab.itos, agent_cfg.d_model_caps, cfg.seed)
     agents = build_agents(agent_cfg, vocab, vectors, cfg.seed)
     if load_weights and agent_cfg.segmenter == "critic":
-        path = Path(cfg.rl_critic_path)
-        if not path.is_file():
-            raise InputError(
-                f"--rl_critic_path {path}: segment critic not found (train one with --procedure train_critic, "
-                "use the released critic.cp, or pass --segmenter heuristic)"
-            )
-        load_original_state_dict(agents.agent.critic, load_checkpoint(path), str(path))
+        load_critic(agents.agent, Path(cfg.rl_critic_path))
     return agents
+
+
+def load_critic(agent: BMHRLAgent, path: Path) -> None:
+    """The segment critic's weights from a critic.cp file (`--rl_critic_path`)."""
+    if not path.is_file():
+        raise InputError(
+            f"--rl_critic_path {path}: segment critic not found (train one with --procedure train_critic, "
+            "use the released critic.cp, or pass --segmenter heuristic)"
+        )
+    load_original_state_dict(agent.critic, load_checkpoint(path), str(path))
 
 
 def is_checkpoint_folder(folder: Path) -> bool:
@@ -107,18 +114,28 @@ def is_checkpoint_folder(folder: Path) -> bool:
 
 def load_agents(cfg, directory: str | Path, with_value_functions: bool = True) -> Agents:
     """Our checkpoint folder or a released one (see the module docstring). Errors name the file and what does
-    not fit: a missing file, wrong keys or shapes, a vocabulary of another size."""
+    not fit: a missing file, wrong keys or shapes, a vocabulary of another size. The log says where each
+    setting came from (`loaded_settings`) and where the segment critic's weights came from."""
     folder = Path(directory)
     if folder.is_file() and folder.name == AGENT_FILE:
         folder = folder.parent
     if not is_checkpoint_folder(folder):
         raise InputError(f"--rl_pretrained_model_dir {folder}: no {AGENT_FILE} there")
-    agent_state = load_checkpoint(folder / AGENT_FILE)
+    agent_state = {k.removeprefix("module."): v for k, v in load_checkpoint(folder / AGENT_FILE).items()}
     if (folder / AGENT_CONFIG_FILE).is_file():
-        agent_cfg, vocab = _our_description(cfg, folder)
+        saved, vocab = _our_description(cfg, folder)
     else:
-        agent_cfg, vocab = _released_description(cfg, folder, agent_state)
+        saved, vocab = None, _released_vocabulary(cfg, folder)
+    agent_cfg = loaded_settings(cfg, folder, saved)
+    critic_file = _critic_source(
+        cfg, folder, agent_cfg, has_critic=any(k.startswith("critic.") for k in agent_state)
+    )
     agents = build_agents(agent_cfg, vocab, seed=cfg.seed)
+    if critic_file is not None or agent_cfg.segmenter == "heuristic":
+        agent_state = {k: v for k, v in agent_state.items() if not k.startswith("critic.")}
+    if critic_file is not None:
+        load_critic(agents.agent, critic_file)
+        agent_state.update({f"critic.{k}": v for k, v in agents.agent.critic.state_dict().items()})
     dropped = load_original_state_dict(agents.agent, agent_state, str(folder / AGENT_FILE))
     if dropped:
         log.info(
@@ -137,6 +154,62 @@ def load_agents(cfg, directory: str | Path, with_value_functions: bool = True) -
     return agents
 
 
+def loaded_settings(cfg, folder: Path, saved: AgentConfig | None) -> AgentConfig:
+    """The settings a loaded agent runs with, one log line per source. Our folder: the sizes (and mode) from its
+    agent_config.json, which an explicit size flag may not contradict; the settings in RUN_SETTINGS from the
+    flags given explicitly, else from the file; an explicit `--rl_critic_path` implies `--segmenter critic`.
+    A released folder (`saved` None): everything from the flags."""
+    flags = AgentConfig.from_config(cfg)
+    if saved is None:
+        log.info(
+            "%s: a released checkpoint (no %s): settings from the flags: %s",
+            folder,
+            AGENT_CONFIG_FILE,
+            _listed(flags, [f.name for f in fields(AgentConfig)]),
+        )
+        return flags
+    sizes = [f.name for f in fields(AgentConfig) if f.name not in RUN_SETTINGS]
+    for name in sizes:
+        if name in cfg.given and name != "mode" and getattr(flags, name) != getattr(saved, name):
+            raise InputError(
+                f"--{name} {getattr(flags, name)}: {folder} holds an agent with {name} {getattr(saved, name)} "
+                f"(its sizes come from {AGENT_CONFIG_FILE}); leave --{name} out"
+            )
+    explicit = [name for name in RUN_SETTINGS if name in cfg.given]
+    if "rl_critic_path" in cfg.given and "segmenter" not in cfg.given:
+        flags, explicit = replace(flags, segmenter="critic"), [*explicit, "segmenter"]
+    kept = [f.name for f in fields(AgentConfig) if f.name not in explicit]
+    log.info("%s: %s", folder / AGENT_CONFIG_FILE, _listed(saved, kept))
+    if explicit:
+        log.info("from the command line: %s", _listed(flags, explicit))
+    return replace(saved, **{name: getattr(flags, name) for name in explicit})
+
+
+def _critic_source(cfg, folder: Path, agent_cfg: AgentConfig, has_critic: bool) -> Path | None:
+    """The critic.cp file to load into the agent, or None: the folder's `critic.*` keys (or no critic). Logs
+    where the segmenter comes from. A folder without a critic needs `--segmenter` or `--rl_critic_path`."""
+    if agent_cfg.mode == "BM":
+        return None
+    if agent_cfg.segmenter == "heuristic":
+        unused = f"; the critic.* keys of {folder / AGENT_FILE} are not used" if has_critic else ""
+        log.info("segmenter: heuristic (no weights%s)", unused)
+        return None
+    if "rl_critic_path" in cfg.given or (not has_critic and "segmenter" in cfg.given):
+        log.info("segment critic: %s (--rl_critic_path)", cfg.rl_critic_path)
+        return Path(cfg.rl_critic_path)
+    if not has_critic:
+        raise InputError(
+            f"{folder / AGENT_FILE} holds no segment critic (no critic.* keys): pass --segmenter heuristic, "
+            "or a critic with --rl_critic_path FILE"
+        )
+    log.info("segment critic: the critic.* keys of %s", folder / AGENT_FILE)
+    return None
+
+
+def _listed(agent_cfg: AgentConfig, names: list[str]) -> str:
+    return ", ".join(f"{name}={getattr(agent_cfg, name)}" for name in names)
+
+
 def _our_description(cfg, folder: Path) -> tuple[AgentConfig, Vocabulary]:
     saved = read_json(folder / AGENT_CONFIG_FILE)
     try:
@@ -152,17 +225,14 @@ def _our_description(cfg, folder: Path) -> tuple[AgentConfig, Vocabulary]:
     return agent_cfg, vocab
 
 
-def _released_description(cfg, folder: Path, state: dict) -> tuple[AgentConfig, Vocabulary]:
+def _released_vocabulary(cfg, folder: Path) -> Vocabulary:
     if not cfg.vocab_path:
         raise InputError(
             f"{folder} is a released checkpoint (no {VOCABULARY_FILE}): give the vocabulary its weights were "
             "trained with via --vocab_path (one token per line or a JSON list; the first four entries are "
             "unk, pad, start, end)"
         )
-    vocab = Vocabulary.load(cfg.vocab_path)
-    has_critic = any(k.removeprefix("module.").startswith("critic.") for k in state)
-    agent_cfg = replace(AgentConfig.from_config(cfg), segmenter="critic" if has_critic else "heuristic")
-    return agent_cfg, vocab
+    return Vocabulary.load(cfg.vocab_path)
 
 
 def save_agents(folder: Path, agents: Agents, training: dict[str, Any] | None = None) -> Path:
