@@ -447,7 +447,8 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         "--compat_xit_attention",
         action=BoolFlag,
         default=False,
-        help="the original's attention (no logit scaling, probabilities divided by sqrt(dim)): released weights",
+        help="the original's attention (no logit scaling, probabilities divided by sqrt(dim)) for a model built "
+        "from the flags; a released file runs with it unless --no-compat_xit_attention, ours with its saved mode",
     )
     ranking.add_argument(
         "--scorer_head",

@@ -13,14 +13,14 @@ import torch
 from datasets.demo import ensure_ranking_demo
 from datasets.ranking.lrmovienet import PPOPairDataset, read_clip_list
 from epoch_loops.ranking import stages as ranking
-from epoch_loops.ranking.checkpoints import read_ranking_weights
-from epoch_loops.ranking.ppo import build_models, collect, minibatch_loss, update
+from epoch_loops.ranking.checkpoints import RankingWeights, model_sizes, read_ranking_weights
+from epoch_loops.ranking.ppo import build_models, collect, minibatch_loss, stage_sizes, update
 from epoch_loops.ranking.stages import open_features
 from main import build_parser, main
 from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
-from model.ranking.scorer import LabelRankingConfig
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
+from utilities.errors import InputError
 
 SIZES = ["--seq_length", "8", "--max_imgs", "4", "--visual_feat_dim", "32", "--text_feat_dim", "32"]
 SIZES += ["--feedforward_size", "32", "--xit_heads", "2"]
@@ -100,13 +100,52 @@ def test_ppo_runs_from_the_stage_checkpoints(demo, trained, tmp_path, objective)
     assert weights.kind == "ppo" and {k.split(".")[0] for k in weights.state} == {"actor", "critic"}
 
 
+def ranking_flags(*flags: str):
+    return config_from_argv(build_parser(), ["--procedure", "eval", "--task", "ranking", *flags])
+
+
+def test_a_released_file_runs_with_the_original_attention_and_ours_with_its_saved_mode(caplog):
+    released = RankingWeights("pointwise", {}, "pointwise.bin")
+    with caplog.at_level("INFO"):
+        assert model_sizes(ranking_flags(), released).compat_xit_attention
+    assert "pointwise.bin: the original's layout (no config of ours)" in caplog.text
+    assert not model_sizes(ranking_flags("--no-compat_xit_attention"), released).compat_xit_attention
+
+    ours = RankingWeights("pointwise", {}, "best.pt", {"seq_length": 8, "compat_xit_attention": True})
+    sizes = model_sizes(ranking_flags("--xit_dropout", "0.3"), ours)
+    assert (sizes.seq_length, sizes.compat_xit_attention, sizes.xit_dropout) == (8, True, 0.3)
+    with pytest.raises(InputError, match=r"--compat_xit_attention False: best\.pt was trained with .* True"):
+        model_sizes(ranking_flags("--no-compat_xit_attention"), ours)
+    with pytest.raises(InputError, match=r"--seq_length 196: best\.pt was trained with seq_length 8"):
+        model_sizes(ranking_flags("--seq_length", "196"), ours)
+
+
+def test_ppo_refuses_stage_checkpoints_of_different_settings():
+    ours = RankingWeights("pointwise", {}, "best.pt", {"seq_length": 8})
+    released = RankingWeights("reward", {}, "reward.bin")
+    with pytest.raises(InputError) as err:
+        stage_sizes(ranking_flags("--seq_length", "8"), ours, released)
+    assert str(err.value) == (
+        "--pretrained_model_path best.pt and --reward_model_path reward.bin were trained at different settings: "
+        "compat_xit_attention False vs True"
+    )
+
+
+def test_ppo_builds_its_models_at_the_stage_checkpoints_sizes_not_the_flags(trained):
+    cfg = ranking_flags("--pretrained_model_path", str(trained["pointwise"]))
+    cfg.reward_model_path, cfg.ppo_objective, cfg.device = str(trained["reward"]), "lr2ppo", "cpu"
+    models = build_models(cfg)  # the flags hold the paper's sizes; the checkpoints the tiny ones
+    assert (models.sizes.seq_length, models.sizes.visual_feat_dim) == (8, 32)
+    assert models.actor.seq_length == 8 and not models.actor.compat_xit_attention
+
+
 def ppo_setup(demo, trained, objective: str):
     cfg = config_from_argv(
         build_parser(), stage_argv(demo, Path("unused"), "ppo", "x", "--ppo_objective", objective)
     )
     cfg.pretrained_model_path, cfg.reward_model_path = str(trained["pointwise"]), str(trained["reward"])
     cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs = 8, 8, 1
-    models = build_models(cfg, LabelRankingConfig.from_config(cfg))
+    models = build_models(cfg)
     dataset = PPOPairDataset(read_clip_list(demo.first_second_stage), open_features(cfg), 4, 2, "random", 0)
     batch = next(iter(ranking.loader(cfg, dataset, shuffle=True)))
     rollout = collect(cfg, models, batch, torch.Generator().manual_seed(0))
@@ -214,7 +253,10 @@ def test_export_to_released_and_back_and_eval_from_either(demo, trained, tmp_pat
     assert read_ranking_weights(ours).saved_config["seq_length"] == 8
 
     results = []
-    for name, ckpt, sizes in (("ours", trained["pointwise"], []), ("bin", released, SIZES)):
+    compat = [
+        "--no-compat_xit_attention"
+    ]  # the released layout runs with the original's attention by default
+    for name, ckpt, sizes in (("ours", trained["pointwise"], []), ("bin", released, [*SIZES, *compat])):
         metrics_out, cases_out = tmp_path / f"{name}_m.json", tmp_path / f"{name}_cases.json"
         argv = [
             "--procedure",

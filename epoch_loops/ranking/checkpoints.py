@@ -4,7 +4,8 @@ the two layouts. Every file is loaded with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from model.ranking.scorer import (
+    RUN_SETTINGS,
     LabelRankingConfig,
     check_state_layout,
     join_ppo_state,
@@ -21,6 +23,8 @@ from utilities.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoin
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir, is_rank0
+
+log = logging.getLogger(__name__)
 
 KINDS = ("pointwise", "reward", "ppo")
 
@@ -58,14 +62,42 @@ def read_ranking_weights(path: str | Path) -> RankingWeights:
 
 
 def model_sizes(cfg: Config, weights: RankingWeights | None = None) -> LabelRankingConfig:
-    """The sizes in our checkpoint's config when there is one (else the flags); `--compat_xit_attention` on the
-    command line or in the checkpoint's config switches the original's attention on."""
-    if weights is None or weights.saved_config is None:
-        return LabelRankingConfig.from_config(cfg)
+    """The sizes and attention mode to build a model for `weights` at, said in the log.
+
+    - no weights: the flags;
+    - our checkpoint: its saved config; a size flag or `--compat_xit_attention` given explicitly with another
+      value is an error naming both (the checkpoint was trained so); an explicit `--xit_dropout` applies;
+    - a released file (the original's layout, no config): sizes from the flags and the original's attention
+      (`compat_xit_attention=True`, what every released file was trained with), unless
+      `--[no-]compat_xit_attention` is given explicitly.
+    """
+    flags = LabelRankingConfig.from_config(cfg)
+    if weights is None:
+        return flags
+    if weights.saved_config is None:
+        if "compat_xit_attention" not in cfg.given:
+            flags = replace(flags, compat_xit_attention=True)
+        log.info(
+            "%s: the original's layout (no config of ours): sizes from the flags, compat_xit_attention=%s (%s)",
+            weights.source,
+            flags.compat_xit_attention,
+            "--compat_xit_attention" if "compat_xit_attention" in cfg.given else "the original's attention",
+        )
+        return flags
     saved = LabelRankingConfig.from_config(Config(**weights.saved_config))
-    return LabelRankingConfig(
-        **{**saved.__dict__, "compat_xit_attention": saved.compat_xit_attention or cfg.compat_xit_attention}
-    )
+    for name in (f.name for f in fields(LabelRankingConfig) if f.name not in RUN_SETTINGS):
+        if name in cfg.given and getattr(flags, name) != getattr(saved, name):
+            raise InputError(
+                f"--{name} {getattr(flags, name)}: {weights.source} was trained with {name} "
+                f"{getattr(saved, name)} (our checkpoints carry their sizes and attention mode); leave --{name} out"
+            )
+    explicit = {name: getattr(flags, name) for name in RUN_SETTINGS if name in cfg.given}
+    log.info("%s: sizes and attention mode from its config: %s", weights.source, _listed(saved))
+    return replace(saved, **explicit)
+
+
+def _listed(sizes: LabelRankingConfig) -> str:
+    return ", ".join(f"{f.name}={getattr(sizes, f.name)}" for f in fields(sizes))
 
 
 def actor_state(weights: RankingWeights) -> dict[str, Tensor]:
@@ -113,6 +145,12 @@ def export_ranking(cfg: Config, run: RunDir) -> None:
             state = weights.state
     if cfg.export_format == "released":
         content = dict(state)
+        if not sizes.compat_xit_attention:
+            log.warning(
+                "%s: the released layout carries no settings and is read with the original's attention; this "
+                "model was trained without it: load the file with --no-compat_xit_attention",
+                cfg.export_path,
+            )
     else:
         saved = weights.saved_config or {**cfg.to_dict(), **sizes.__dict__}
         content = weights_checkpoint(weights.kind, state, Config(**saved))

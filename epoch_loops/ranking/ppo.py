@@ -22,14 +22,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from datasets.ranking.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset, read_clip_list
-from epoch_loops.ranking.checkpoints import actor_state, load_weights, read_ranking_weights, reward_state
+from epoch_loops.ranking.checkpoints import (
+    RankingWeights,
+    actor_state,
+    load_weights,
+    model_sizes,
+    read_ranking_weights,
+    reward_state,
+)
 from epoch_loops.ranking.stages import (
     Saver,
     adamw,
@@ -49,6 +56,7 @@ from epoch_loops.ranking.stages import (
 from evaluation.ranking import SELECTION_METRIC
 from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
 from model.ranking.scorer import (
+    RUN_SETTINGS,
     FusionScorer,
     LabelRankingConfig,
     RewardModel,
@@ -113,6 +121,7 @@ class PPOModels:
     critic: RewardModel
     reward: RewardModel  # frozen
     reference: FusionScorer | None  # frozen initial actor (clip objective)
+    sizes: LabelRankingConfig  # the settings the stage checkpoints carry
 
     @property
     def policy(self) -> nn.ModuleDict:
@@ -120,25 +129,45 @@ class PPOModels:
         return nn.ModuleDict({"actor": self.actor, "critic": self.critic})
 
 
-def build_models(cfg: Config, sizes: LabelRankingConfig) -> PPOModels:
+def build_models(cfg: Config) -> PPOModels:
     """Actor from `--pretrained_model_path` (stage 1), critic and frozen reward model from `--reward_model_path`
-    (stage 2); with `--ppo_objective clip` a frozen copy of the initial actor is the KL reference."""
+    (stage 2), at the settings both checkpoints carry (`stage_sizes`); with `--ppo_objective clip` a frozen copy
+    of the initial actor is the KL reference."""
     actor_weights = read_ranking_weights(cfg.pretrained_model_path)
     reward_weights = read_ranking_weights(cfg.reward_model_path)
+    sizes = stage_sizes(cfg, actor_weights, reward_weights)
     actor = load_weights(sizes.build_scorer(), actor_state(actor_weights), actor_weights.source)
     critic = load_weights(sizes.build_reward_model(), reward_state(reward_weights), reward_weights.source)
     reward_model = copy.deepcopy(critic).requires_grad_(False)
     reference = copy.deepcopy(actor).requires_grad_(False) if cfg.ppo_objective == "clip" else None
-    models = PPOModels(actor, critic, reward_model, reference)
+    models = PPOModels(actor, critic, reward_model, reference, sizes)
     for model in (actor, critic, reward_model, reference):
         if model is not None:
             model.to(cfg.device).eval()  # no dropout anywhere in PPO
     return models
 
 
+def stage_sizes(cfg: Config, actor: RankingWeights, reward: RankingWeights) -> LabelRankingConfig:
+    """The sizes and attention mode of the two stage checkpoints (`model_sizes`: our checkpoints' saved config;
+    for a released file the flags and the original's attention); checkpoints that differ are an error naming
+    both files and the settings."""
+    actor_sizes, reward_sizes = model_sizes(cfg, actor), model_sizes(cfg, reward)
+    differ = [
+        f"{f.name} {getattr(actor_sizes, f.name)} vs {getattr(reward_sizes, f.name)}"
+        for f in fields(LabelRankingConfig)
+        if f.name not in RUN_SETTINGS and getattr(actor_sizes, f.name) != getattr(reward_sizes, f.name)
+    ]
+    if differ:
+        raise InputError(
+            f"--pretrained_model_path {actor.source} and --reward_model_path {reward.source} were trained at "
+            f"different settings: {', '.join(differ)}"
+        )
+    return actor_sizes
+
+
 def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
-    sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
+        sizes = LabelRankingConfig.from_config(cfg)
         print_dry_run(sizes.build_scorer, sizes.build_reward_model)
         return None
     require(
@@ -150,7 +179,9 @@ def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         "pretrained_model_path",
         "reward_model_path",
     )
-    models = build_models(cfg, sizes)
+    models = build_models(cfg)
+    for name, value in asdict(models.sizes).items():  # the data and PPO's checkpoints follow the stages
+        setattr(cfg, name, value)
     print_trainable(models.actor, models.critic)
     features = open_features(cfg)
     train = PPOPairDataset(

@@ -298,7 +298,9 @@ class RewardModel(FusionTrunk):
 
 @dataclass(frozen=True)
 class LabelRankingConfig:
-    """The model sizes and switches; field names are the flag names (paper sizes by default)."""
+    """The model sizes and switches; field names are the flag names (paper sizes by default). The fields in
+    `RUN_SETTINGS` do not shape the weights or the scores: an explicit flag may change them for a loaded
+    checkpoint of ours; the others come from its config."""
 
     seq_length: int = 196
     max_imgs: int = 16
@@ -320,6 +322,9 @@ class LabelRankingConfig:
 
     def build_reward_model(self) -> RewardModel:
         return RewardModel(**asdict(self))
+
+
+RUN_SETTINGS = ("xit_dropout",)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:
