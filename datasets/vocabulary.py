@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from utilities.errors import InputError
+from utilities.files import not_utf8
 
 N_SPECIALS = 4
 
@@ -86,6 +87,8 @@ class Vocabulary:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputError(f"{path}: vocabulary file not found") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
         if text.lstrip().startswith("["):
             try:
                 itos = json.loads(text)

@@ -1,4 +1,5 @@
-"""Atomic writes: a finished block replaces the target (file or folder), an interrupted one leaves it as it was."""
+"""Atomic writes: a finished block replaces the target (file or folder), an interrupted one leaves it as it was.
+Text files users point at that are not UTF-8: one line naming the file and the first bad byte."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 
 import pytest
 
+from datasets.captioning.activitynet import CSV_COLUMNS, read_captions_csv
+from datasets.ranking.letor import read_letor
+from datasets.vocabulary import Vocabulary
 from utilities.errors import InputError
 from utilities.files import atomic_path, read_json, write_json_atomic
 
@@ -46,3 +50,31 @@ def test_json_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match=r"bad\.json: not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def _captions_csv(body: bytes) -> bytes:
+    header = "\t".join(CSV_COLUMNS).encode() + b"\n"
+    rows = b"".join(f"v_a\tA man runs.\t0.0\t1.0\t2.0\ttrain\t{i}\n".encode() for i in range(400))
+    return header + rows + body  # the bad byte lies beyond the first chunk a text reader decodes
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "read"),
+    [
+        ("vocab.txt", b"<unk>\n<blank>\n<s>\n</s>\n" * 3000 + b"caf\xe9\n", Vocabulary.load),
+        ("train.csv", _captions_csv(b"v_b\tA caf\xe9.\t0.0\t1.0\t2.0\ttrain\t400\n"), read_captions_csv),
+        ("clips.json", b'["' + b"a" * 20000 + b'\xff"]', read_json),
+        ("mq.txt", b"0 qid:1 1:0.5\n" * 1000 + b"1 qid:1 1:0.5 #\xff\n", read_letor),
+    ],
+)
+def test_a_text_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte_offset(
+    tmp_path, name, content, read
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    offset = content.index(b"\xe9" if b"\xe9" in content else b"\xff")
+    with pytest.raises(InputError) as err:
+        read(path)
+    assert str(err.value) == (
+        f"{path}: not UTF-8 text (byte 0x{content[offset]:02x} at offset {offset}); save it as UTF-8"
+    )

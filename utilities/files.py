@@ -20,8 +20,22 @@ def read_json(path: str | Path) -> Any:
             return json.load(f)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def not_utf8(path: str | Path) -> InputError:
+    """The error for a text file that does not decode as UTF-8, naming its first bad byte and that byte's offset
+    in the file (a decoder reading in chunks only knows the offset within its chunk)."""
+    try:
+        Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return InputError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        )
+    return InputError(f"{path}: not UTF-8 text")
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from datasets.features import FeatureStore, crop_indices, open_feature_store
 from datasets.vocabulary import Vocabulary, tokenize
 from utilities.errors import InputError
+from utilities.files import not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def read_captions_csv(path: str | Path) -> Annotations:
                 segments.append(segment)
         except csv.Error as e:
             raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
     if not segments:
         raise InputError(f"{path}: no rows after the header")
     if anomalies.start_ge_end or anomalies.end_gt_duration:

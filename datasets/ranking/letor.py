@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from utilities.errors import InputError
+from utilities.files import not_utf8
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ def read_letor(path: str | Path, n_features: int | None = None) -> list[Query]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     rows: list[tuple[str, int, dict[int, float], str]] = []
     for number, line in enumerate(lines, start=1):
         body, _, comment = line.partition("#")
