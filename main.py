@@ -465,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ToolError, TrainingError) as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"main.py: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning import rl
 from epoch_loops.captioning.agent_files import build_agents
-from epoch_loops.training import Trainer
+from epoch_loops.captioning.train import Trainer
 from evaluation.meteor import Meteor
 from evaluation.rewards import MeteorReward
 from main import build_parser

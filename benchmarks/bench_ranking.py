@@ -18,7 +18,7 @@ and reference at paper size need about 25 GB); `--ppo_scorer_head flattened` is 
 Rollout buffer (`rollout_buffer_bytes`): bytes per 1,000 pairs of our buffer (ids, positions, scalars) against
 the original's, which kept every pair's text [2, 196, 768] and per-label frames [2, 16, 768] in float32.
 
-    python benchmarks/bench_ranking.py [--clips 2] [--labels 20] [--steps 3] [--adamw fused|foreach|for-loop]
+    python benchmarks/bench_ranking.py [--clips 2] [--labels 20] [--steps 3] [--adamw fused|unfused]
         [--what pointwise ppo buffer] [--ppo_batch 24] [--ppo_scorer_head pooled|flattened]
 """
 
@@ -43,23 +43,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from epoch_loops.training import Optimisation, adamw, linear_schedule
 from model.ranking.scorer import LabelRankingConfig
-
-
-def adamw(model: torch.nn.Module, impl: str) -> torch.optim.AdamW:
-    """PyTorch's no-decay groups: biases and 1-d weights (norms, pooling queries) get no weight decay."""
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
-    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
-    return torch.optim.AdamW(groups, lr=2e-5, eps=1e-6, **flags)
 
 
 def bench_pointwise(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     sizes = LabelRankingConfig(scorer_head=args.scorer_head)
     model = sizes.build_scorer().train()
-    optimizer = adamw(model, args.adamw)
+    optimizer = adamw([(model, 2e-5)], 0.01, fused=args.adamw == "fused")
     frames = torch.randn(args.clips, sizes.max_imgs, sizes.visual_feat_dim)
     text = torch.randn(args.clips, args.labels, sizes.seq_length, sizes.text_feat_dim)
     targets = torch.randint(0, 3, (args.clips, args.labels)).float()
@@ -148,9 +140,10 @@ def bench_ppo(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, dataset, models = ppo_setup(args, Path(tmp))
-        optimizer = ranking.adamw([(models.actor, 1e-5), (models.critic, 1e-5)], 0.01)
-        scheduler = ranking.linear_schedule(optimizer, 10 * (args.steps + 1), 0.0)
-        saver = ranking.Saver(None, "ppo", cfg)
+        optimizer = adamw([(models.actor, 1e-5), (models.critic, 1e-5)], 0.01)
+        opt = Optimisation(
+            "ppo", optimizer, None, scheduler=linear_schedule(optimizer, 10 * (args.steps + 1), 0.0)
+        )
         times, rollout_times = [], []
         for step in range(args.steps + 1):
             sync(args.device)
@@ -159,7 +152,7 @@ def bench_ppo(args: argparse.Namespace) -> None:
             rollout = collect(cfg, models, batch, torch.Generator(args.device).manual_seed(step))
             sync(args.device)
             rolled = time.perf_counter()
-            update(cfg, models, dataset, rollout, optimizer, scheduler, saver, step, step, {})
+            update(cfg, models, dataset, rollout, opt, step, {})
             sync(args.device)
             if step:
                 times.append(time.perf_counter() - start)
@@ -225,7 +218,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=2, help="pointwise: clips per step")
     parser.add_argument("--labels", type=int, default=20, help="pointwise: labels per clip")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    parser.add_argument("--adamw", default="fused", choices=["fused", "foreach", "for-loop"])
+    parser.add_argument(
+        "--adamw", default="fused", choices=["fused", "unfused"], help="training.adamw's fused flag"
+    )
     parser.add_argument("--scorer_head", default="flattened", choices=["flattened", "pooled"])
     parser.add_argument(
         "--ppo_batch", type=int, default=24, help="ppo: pairs per rollout batch (the original's)"

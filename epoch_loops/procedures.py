@@ -4,6 +4,8 @@ Each entry names `module:function`; the module is imported only when that proced
 fast. Procedures that never use torch say so, and then torch (about a second to import) is not loaded at all:
 `eval` is run every epoch and in scripts. A procedure is `fn(cfg: Config, run: RunDir) -> None`: it builds
 what it needs from `cfg`, writes its outputs into `run`, and honours `cfg.dry_run` where it builds a model.
+The training procedures (`trains`) accept `--resume`, which restores the saved run's settings first
+(epoch_loops/training.py). Ctrl-C ends a run with one line: where its last checkpoint is, or that none was written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from utilities.config import Config
-from utilities.errors import InputError
+from utilities.errors import InputError, Interrupted
 from utilities.log import setup_logging
 from utilities.run_dir import RunDir
 from utilities.seeding import seed_everything
@@ -23,6 +25,7 @@ from utilities.seeding import seed_everything
 class Procedure:
     target: str  # "module:function"
     uses_torch: bool = True
+    trains: bool = False  # writes resumable checkpoints; accepts --resume
 
 
 PROCEDURES: dict[str, Procedure] = {
@@ -30,12 +33,12 @@ PROCEDURES: dict[str, Procedure] = {
     "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
-    "train_critic": Procedure("epoch_loops.captioning.critic:train_critic"),
-    "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap"),
+    "train_critic": Procedure("epoch_loops.captioning.critic:train_critic", trains=True),
+    "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True),
     "predict": Procedure("epoch_loops.captioning.predict:predict"),
-    "pointwise": Procedure("epoch_loops.ranking.stages:pointwise"),
-    "reward": Procedure("epoch_loops.ranking.stages:reward"),
-    "ppo": Procedure("epoch_loops.ranking.ppo:ppo"),
+    "pointwise": Procedure("epoch_loops.ranking.stages:pointwise", trains=True),
+    "reward": Procedure("epoch_loops.ranking.stages:reward", trains=True),
+    "ppo": Procedure("epoch_loops.ranking.ppo:ppo", trains=True),
     "export_ranking": Procedure("epoch_loops.ranking.checkpoints:export_ranking"),
 }
 
@@ -64,11 +67,36 @@ def run_procedure(cfg: Config) -> int:
     device, seed, then run the procedure; the directory appears with the run's first write."""
     setup_logging(progress=cfg.progress)
     spec = PROCEDURES[cfg.procedure]
+    if cfg.resume:
+        if not spec.trains:
+            raise InputError(
+                f"--resume: --procedure {cfg.procedure} does not train; there is nothing to resume"
+            )
+        from epoch_loops.training import restore_settings
+
+        restore_settings(cfg)
     with RunDir.open(cfg) as run:
         if spec.uses_torch:
             cfg.device = resolve_device(cfg.device)
         seed_everything(cfg.seed, with_torch=spec.uses_torch)
         module_name, function_name = spec.target.split(":")
         procedure = getattr(importlib.import_module(module_name), function_name)
-        procedure(cfg, run)
+        try:
+            procedure(cfg, run)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted(cfg, run)) from None
     return 0
+
+
+def interrupted(cfg: Config, run: RunDir) -> str:
+    """What Ctrl-C leaves behind: the checkpoint to resume from, or that there is none (and what blocks a rerun)."""
+    last = run.last_checkpoint()
+    if last is not None:
+        return (
+            f"interrupted; the last checkpoint is {last}: continue with "
+            f"python main.py --procedure {cfg.procedure} --resume {last}"
+        )
+    message = "interrupted before the first checkpoint: nothing to resume"
+    if run.path.exists():
+        message += f"; delete {run.path} (rm -r {run.path}) to run again as --exp_name {cfg.exp_name}"
+    return message

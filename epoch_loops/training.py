@@ -1,118 +1,255 @@
-"""The training machinery every captioning epoch function shares: the `Trainer` (agent, value functions, one
-Adam with a named parameter group per trained module group) and the optimiser step with its non-finite stop.
-The warm start (epoch_loops/captioning/train.py) and the RL epochs (epoch_loops/captioning/rl.py) both step through here."""
+"""The one training machinery of both systems and the segment critic: the optimiser step, the NaN stop, the
+checkpoint saver and the resume path (settings included). torchrun/DDP and AMP plug in here, in
+`optimiser_step` and `Saver`, and nowhere else.
+
+Every loop (captioning warm start and RL epochs, the segment critic, ranking stages 1–3) holds an
+`Optimisation` and calls `optimiser_step` once per step:
+  non-finite loss? stop → zero_grad → backward → clip the *global* gradient norm over every trained parameter
+  (`--grad_clip`) → non-finite norm? stop → step → per-step schedule.
+A stop (`TrainingError`) names the procedure or stage, the step, where in the data, and the run's last good
+checkpoint; it happens before the step, so that checkpoint is intact.
+
+`--resume` restores the saved run's settings (`restore_settings`): flags given explicitly may differ from the
+run's only where they cannot change what is trained (`RUN_LOCAL`), or extend an epoch budget that has no
+schedule tied to it (`EXTENDABLE`).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from datasets.captioning.activitynet import CaptionBatch
-from datasets.loader import CaptionLoader
-from epoch_loops.captioning.agent_files import Agents
-from evaluation.meteor import Meteor
+from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from utilities.config import Config
-from utilities.errors import InputError
+from utilities.errors import InputError, TrainingError
+from utilities.run_dir import RunDir, is_rank0
+
+log = logging.getLogger(__name__)
+
+TRAINING_FILE = (
+    "training_state.pt"  # a checkpoint folder's training state (captioning keeps its weights beside)
+)
+
+RUN_LOCAL = frozenset(
+    {
+        "device",
+        "num_workers",
+        "progress",
+        "metrics_out",
+        "critic_out",
+        "exp_name",
+        "log_dir",
+        "resume",
+        "config",
+        "dry_run",
+    }
+)
+"""The settings a resumed run takes from its own command line, not from the checkpoint: where it runs (device,
+loader workers), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
+--critic_out) and how it was started. None of them changes a trained weight or a reported number.
+`--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
+setting is the run's; giving it explicitly with another value is an error."""
+
+EXTENDABLE = {"train_rl_cap": "epoch_num", "train_critic": "epoch_num"}
+"""Per procedure, the epoch budget a resume may *raise*: captioning and the critic train at a constant learning
+rate (or one reduced on validation plateaus), so more epochs continue the same run. Ranking's linear schedule
+is laid out over the total number of steps: a different --epochs_num would re-shape the learning rate of steps
+already taken, so it is refused like any other setting."""
+
+
+# ---- optimiser and schedule -------------------------------------------------------------------------------------
+
+
+def adamw(
+    groups: Iterable[tuple[nn.Module, float]], weight_decay: float, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW (eps 1e-6 as the original) with PyTorch's no-decay groups: biases, norm weights and other 1-d
+    parameters get no weight decay (the original decayed LayerNorm weights, spec §8.9). One (module, lr) per
+    model: PPO's actor and critic share one optimiser with their own learning rates. `fused` None: fused where
+    every parameter's device allows it."""
+    param_groups = []
+    for module, lr in groups:
+        no_decay = {
+            id(p)
+            for m in module.modules()
+            for name, p in m.named_parameters(recurse=False)
+            if name == "bias" or p.dim() <= 1 or isinstance(m, nn.LayerNorm)
+        }
+        params = [p for p in module.parameters() if p.requires_grad]
+        param_groups += [
+            {"params": [p for p in params if id(p) not in no_decay], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "lr": lr, "weight_decay": 0.0},
+        ]
+    if fused is None:
+        fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, eps=1e-6, fused=fused or None)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup × total_steps` steps, then linear decay towards 0 at `total_steps`. Step t
+    (0-based) uses (t+1)/W during warm-up, so the first step already learns (the original's was at lr 0)."""
+    warmup_steps = round(warmup * total_steps)
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        return max(0.0, (total_steps - t) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- the step ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Trainer:
-    """What an epoch function works with. The optimiser has one parameter group per trained module group
-    (`BMHRLAgent.module_groups`: 'worker', 'manager'; plus 'worker_value_function', 'manager_value_function'),
-    each named by its "name" key; a frozen group's parameters get no gradient (grads are set to None), so Adam
-    leaves them, and their moments, alone."""
+class Optimisation:
+    """What `optimiser_step` works on: the optimiser over every trained parameter, the schedule stepped after
+    each optimiser step (None: none, or one the loop steps itself, as captioning's plateau schedule), the
+    optimiser steps done, and the run whose last checkpoint a stop names."""
 
-    cfg: Config
-    agents: Agents
+    name: str  # the procedure or stage, for messages
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
-    train_batches: CaptionLoader
-    device: torch.device
-    meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
-    step: int = 0  # optimiser steps done
-    last_checkpoint: str | None = None  # for error messages: the newest complete checkpoint folder
-    rewards: Any = None  # the RL reward and tokenised references (epoch_loops.captioning.rl), built at the first RL epoch
-
-    @classmethod
-    def create(cls, cfg: Config, agents: Agents, train_batches: CaptionLoader, meteor: Meteor) -> Trainer:
-        device = torch.device(cfg.device)
-        agents.to(device)
-        agent_lr = cfg.rl_cap_warmstart_lr if cfg.rl_warmstart_epochs > 0 else cfg.rl_cap_lr
-        groups = [
-            {"name": name, "params": _parameters(modules), "lr": agent_lr, "weight_decay": cfg.weight_decay}
-            for name, modules in agents.agent.module_groups().items()
-        ]
-        for name, module in (
-            ("worker_value_function", agents.worker_value),
-            ("manager_value_function", agents.manager_value),
-        ):
-            groups.append({"name": name, "params": list(module.parameters()), "lr": cfg.rl_value_function_lr})
-        optimizer = torch.optim.Adam(groups)
-        scheduler = None
-        if cfg.scheduler == "reduce_on_plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=cfg.lr_reduce_factor, patience=cfg.lr_patience
-            )
-        return cls(cfg, agents, optimizer, scheduler, train_batches, device, meteor)
-
-    def group(self, name: str) -> dict:
-        return next(g for g in self.optimizer.param_groups if g["name"] == name)
-
-    def agent_lr(self) -> float:
-        return self.group("worker")["lr"]
+    grad_clip: float | None
+    run: RunDir | None = None
+    scheduler: Any = None
+    step: int = 0
 
 
-def _parameters(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
-    seen: dict[int, torch.nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen.setdefault(id(p), p)
-    return list(seen.values())
-
-
-def optimiser_step(
-    trainer: Trainer, loss: torch.Tensor, epoch: int, batch_index: int, batch: CaptionBatch
-) -> float:
-    """Backward, clip the gradient norm (--grad_clip) *before* the step, step. The agent's gradients and the value
-    functions' are clipped each on their own (an RL loss sums a policy loss and a value loss whose scales have
-    nothing to do with each other). A non-finite loss or gradient stops the run before the step, naming where,
-    with the last checkpoint intact. Returns the agent's gradient norm before clipping."""
-    if not torch.isfinite(loss):
-        raise diverged(trainer, "loss", float(loss.detach()), epoch, batch_index, batch)
-    trainer.optimizer.zero_grad(set_to_none=True)
+def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
+    """One optimiser step on `loss` (see the module docstring); `where` (epoch, batch, ...) goes into a stop's
+    message. Returns the global gradient norm before clipping."""
+    if not torch.isfinite(loss).all():
+        raise diverged(opt, "loss", float(loss.detach()), where)
+    opt.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    max_norm = trainer.cfg.grad_clip if trainer.cfg.grad_clip else math.inf
-    norms = []
-    for value_functions in (False, True):
-        params = [
-            p
-            for g in trainer.optimizer.param_groups
-            if g["name"].endswith("value_function") == value_functions
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        if not torch.isfinite(norms[-1]):
-            raise diverged(trainer, "gradient norm", float(norms[-1]), epoch, batch_index, batch)
-    trainer.optimizer.step()
-    trainer.step += 1
-    return float(norms[0])
+    params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or math.inf)
+    if not torch.isfinite(norm):
+        raise diverged(opt, "gradient norm", float(norm), where)
+    opt.optimizer.step()
+    if opt.scheduler is not None:
+        opt.scheduler.step()
+    opt.step += 1
+    return float(norm)
 
 
-def diverged(
-    trainer: Trainer, what: str, value: float, epoch: int, batch_index: int, batch: CaptionBatch
-) -> InputError:
-    videos = ", ".join(dict.fromkeys(batch.video_ids[:3]))
-    kept = (
-        f"the last good checkpoint is {trainer.last_checkpoint}"
-        if trainer.last_checkpoint
-        else "no checkpoint had been written yet"
+def diverged(opt: Optimisation, what: str, value: float, where: str = "") -> TrainingError:
+    """The NaN stop: raised before the optimiser step, so the run's last checkpoint stays good."""
+    last = opt.run.last_checkpoint() if opt.run is not None else None
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    place = f" ({where})" if where else ""
+    return TrainingError(
+        f"{opt.name}: non-finite {what} ({value}) at optimiser step {opt.step + 1}{place}: stopped before the "
+        f"step; {kept}. Try a lower learning rate or --grad_clip"
     )
-    return InputError(
-        f"non-finite {what} ({value}) in epoch {epoch}, batch {batch_index} (optimiser step {trainer.step + 1}; "
-        f"videos {videos}, ...): stopped before the step; {kept}. Try a lower learning rate or --grad_clip"
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Saver:
+    """Every checkpoint of a run is written here: on rank 0 only, each atomically (written beside, then renamed),
+    so an interruption leaves the previous file or folder of that name intact."""
+
+    run: RunDir
+
+    def save(self, name: str, state: dict[str, Any], *copies: str | Path) -> None:
+        """`checkpoints/<name>` (and each of `copies`, e.g. --critic_out) through `save_checkpoint`."""
+        if is_rank0():
+            for path in (self.run.checkpoints / name, *copies):
+                save_checkpoint(path, state)
+
+    def save_folder(self, name: str, write: Callable[[Path], Any]) -> None:
+        """`checkpoints/<name>/` by `write(folder)`, which writes the folder atomically itself."""
+        if is_rank0():
+            write(self.run.checkpoints / name)
+
+
+def checkpoint_state(
+    opt: Optimisation,
+    cfg: Config,
+    model: nn.Module | None,
+    *,
+    epoch: int,
+    best_metric: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The training state `resume` restores: weights (unless `model` is None: saved in their own files),
+    optimiser, `opt.scheduler` (or `extra["scheduler"]`), counters, RNG states, the run's config, and `extra`."""
+    extra.setdefault("scheduler", opt.scheduler)
+    return training_state(
+        model, opt.optimizer, cfg, epoch=epoch, step=opt.step, best_metric=best_metric, **extra
     )
+
+
+def resume(
+    opt: Optimisation,
+    path: str | Path,
+    model: nn.Module | None,
+    *,
+    kind: str | None = None,
+    scheduler: Any = None,
+    data_generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """The one resume path. The state is loaded on the CPU whatever the device (the RNG states must stay CPU
+    tensors; weights and optimiser state are copied onto their parameters' device), its `kind` checked, then
+    weights (unless `model` is None), optimiser, schedule (`opt.scheduler` unless `scheduler` is given),
+    `data_generator` and the global RNGs are put back and the step count continues. Returns the state, for the
+    loop's own counters."""
+    source = training_file(path)
+    state = load_checkpoint(source)
+    if kind is not None and state.get("kind") != kind:
+        raise InputError(f"--resume {path}: a {state.get('kind')} checkpoint, not {kind}")
+    restore_training_state(
+        state,
+        model,
+        opt.optimizer,
+        scheduler=opt.scheduler if scheduler is None else scheduler,
+        data_generator=data_generator,
+        source=str(source),
+    )
+    opt.step = state["step"]
+    log.info("resuming %s from %s (%d optimiser steps done)", opt.name, source, opt.step)
+    return state
+
+
+def training_file(path: str | Path) -> Path:
+    """`--resume` names a training-state file, or a checkpoint folder holding one (`training_state.pt`)."""
+    path = Path(path)
+    return path / TRAINING_FILE if path.is_dir() else path
+
+
+# ---- the settings of a resumed run ------------------------------------------------------------------------------
+
+
+def restore_settings(cfg: Config) -> None:
+    """`--resume`: put the saved run's settings into `cfg`. A flag given explicitly with another value than the
+    run's is refused unless it is `RUN_LOCAL` or raises the procedure's `EXTENDABLE` epoch budget."""
+    source = training_file(cfg.resume)
+    saved = load_checkpoint(source, mmap=True).get("config")
+    if not isinstance(saved, dict):
+        raise InputError(f"--resume {cfg.resume}: not a training checkpoint of ours (no saved settings)")
+    extendable = EXTENDABLE.get(saved.get("procedure"))
+    for name, value in saved.items():
+        if name in RUN_LOCAL or name not in cfg.to_dict():
+            continue
+        given = getattr(cfg, name)
+        if name in cfg.given and given != value:
+            if name == extendable and given > value:
+                log.info("--resume: --%s raised from %s to %s", name, value, given)
+                continue
+            raise InputError(
+                f"--resume {cfg.resume}: --{name} {given} differs from the run's {value}; a resumed run keeps "
+                "its settings (start a new run to change them)"
+            )
+        setattr(cfg, name, value)

@@ -67,16 +67,6 @@ class SentenceReward:
             self._cache.popitem(last=False)
         return scores
 
-    def prefixes(self, hyps: Sequence[Sequence[str]], refs: Sequence[str]) -> list[np.ndarray]:
-        """For each token sequence, the reward of every prefix: element t scores tokens[: t + 1]."""
-        flat_hyps, flat_refs = [], []
-        for tokens, ref in zip(hyps, refs, strict=True):
-            flat_hyps += [hypothesis_text(tokens[: t + 1]) for t in range(len(tokens))]
-            flat_refs += [ref] * len(tokens)
-        scores = self.sentence(flat_hyps, flat_refs)
-        bounds = np.cumsum([0, *(len(tokens) for tokens in hyps)])
-        return [scores[bounds[i] : bounds[i + 1]] for i in range(len(hyps))]
-
     def _score(self, pairs: list[tuple[str, str]]) -> Sequence[float]:
         raise NotImplementedError
 

@@ -426,10 +426,10 @@ def test_exploration_is_seeded_by_the_agents_generator_and_only_in_training():
     agent.rng.manual_seed(3)
     second = agent(*inputs)
     assert torch.equal(first.log_probs, second.log_probs) and not torch.allclose(first.log_probs, plain)
-    starts = first.goal_starts
-    assert (first.goal_log_probs[~starts] == 0).all() and (first.goal_log_probs[starts] != 0).all()
     agent.set_phase("worker")
-    assert first.goal_log_probs is not None and agent(*inputs).goal_log_probs is None
+    drawn = agent.rng.get_state()
+    agent(*inputs)
+    assert torch.equal(agent.rng.get_state(), drawn), "the worker phase does not explore"
 
 
 def test_expand_goals_holds_each_goal_until_the_next_start():

@@ -218,7 +218,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     assert main([*argv, "--one_by_one_starts_at", "5"]) == 2
     err = capsys.readouterr().err
     last = tmp_path / "train_rl_cap" / "nan" / "checkpoints" / "last"
-    assert err.count("\n") == 1 and "non-finite loss (nan) in epoch 1, batch 1 (optimiser step 5" in err
+    assert err.count("\n") == 1 and "non-finite loss (nan) at optimiser step 5 (epoch 1, batch 1" in err
     assert f"last good checkpoint is {last}" in err
     state = torch.load(last / TRAINING_FILE, weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 3
@@ -449,7 +449,7 @@ def test_optimiser_groups_cover_the_agent_and_a_frozen_group_stays_bit_identical
     def step():
         out = agent(video, None, audio, None, captions[:, :-1])
         loss = captioning.label_smoothing_loss(out.log_probs, captions[:, 1:], 1, 0.7)
-        captioning.optimiser_step(trainer, loss, 0, 0, None)
+        trainer.optimiser_step(loss, 0, 0, None)
 
     agent.train()
     step()
@@ -462,3 +462,20 @@ def test_optimiser_groups_cover_the_agent_and_a_frozen_group_stays_bit_identical
     step()
     assert all(torch.equal(v, agent.state_dict()[k]) for k, v in manager.items())
     assert not torch.equal(worker_before, agent.worker.projection.weight)
+
+
+@requires_java  # train_rl_cap starts the run's METEOR process first
+def test_resume_continues_with_the_runs_objective_and_may_raise_epoch_num(tiny_data, tmp_path, capsys):
+    """A biased_kl run resumed with `--resume` alone (and a raised --epoch_num: a constant learning rate has
+    no schedule to re-shape) goes on as biased_kl, not as the default scst; another objective is refused."""
+    argv = tiny_argv(tiny_data, tmp_path, "kl", "--rl_objective", "biased_kl", "--rl_reward", "cider")
+    assert main([*argv, "--rl_warmstart_epochs", "1", "--epoch_num", "2", "--one_by_one_starts_at", "5"]) == 0
+    last = tmp_path / "train_rl_cap" / "kl" / "checkpoints" / "last"
+    resume = ["--procedure", "train_rl_cap", "--resume", str(last), "--num_workers", "0", "--no-progress"]
+    assert main([*resume, "--rl_objective", "scst"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {last}: --rl_objective scst differs from the run's biased_kl" in err
+    assert main([*resume, "--epoch_num", "3"]) == 0
+    history = json.loads((tmp_path / "train_rl_cap" / "kl" / "metrics.json").read_text())["history"]
+    assert [r["phase"] for r in history] == ["warm_start", "worker", "manager"]
+    assert "amplitude" in history[2]["train"]  # biased_kl's statistic

@@ -16,6 +16,7 @@ from epoch_loops.ranking import stages as ranking
 from epoch_loops.ranking.checkpoints import RankingWeights, model_sizes, read_ranking_weights
 from epoch_loops.ranking.ppo import build_models, collect, minibatch_loss, stage_sizes, update
 from epoch_loops.ranking.stages import open_features
+from epoch_loops.training import Optimisation, adamw, linear_schedule
 from main import build_parser, main
 from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
 from utilities.checkpoint import load_checkpoint
@@ -174,10 +175,10 @@ def test_ppo_update_leaves_the_reward_model_untouched(demo, trained):
     cfg, models, dataset, rollout = ppo_setup(demo, trained, "lr2ppo")
     before = {k: v.clone() for k, v in models.reward.state_dict().items()}
     actor_before = {k: v.clone() for k, v in models.actor.state_dict().items()}
-    optimizer = ranking.adamw([(models.actor, 1e-3), (models.critic, 1e-3)], 0.01)
-    scheduler = ranking.linear_schedule(optimizer, 1, 0.0)
-    saver = ranking.Saver(None, "ppo", cfg)
-    assert update(cfg, models, dataset, rollout, optimizer, scheduler, saver, 0, 0, {}) == 1
+    optimizer = adamw([(models.actor, 1e-3), (models.critic, 1e-3)], 0.01)
+    opt = Optimisation("ppo", optimizer, None, scheduler=linear_schedule(optimizer, 1, 0.0))
+    update(cfg, models, dataset, rollout, opt, 0, {})
+    assert opt.step == 1
     assert all(p.grad is None and not p.requires_grad for p in models.reward.parameters())
     assert all(torch.equal(before[k], v) for k, v in models.reward.state_dict().items())
     assert any(not torch.equal(actor_before[k], v) for k, v in models.actor.state_dict().items())
@@ -316,7 +317,8 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
     assert main(stage_argv(demo, tmp_path, "pointwise", "cut", *common)) == 2
     err = capsys.readouterr().err
     last = tmp_path / "pointwise" / "cut" / "checkpoints" / "last.pt"
-    assert "pointwise step 5: the loss is nan" in err and str(last) in err and err.count("\n") == 1
+    assert "pointwise: non-finite loss (nan) at optimiser step 5 (epoch 2)" in err and err.count("\n") == 1
+    assert f"the last good checkpoint is {last}" in err
     state = load_checkpoint(last)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -350,3 +352,71 @@ def test_demo_ppo_beats_the_pointwise_model_on_the_target_domain(tmp_path):
         "NDCG@20",
         "NDCG@all",
     }
+
+
+def test_ctrl_c_names_the_checkpoint_and_resume_keeps_the_runs_settings_directory_and_cpu_rng(
+    demo, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C: one line with the resume command, exit 130. `--resume` alone continues the run in its own
+    directory with its saved settings (another --exp_name is ignored, --device/--num_workers may differ), loads
+    the checkpoint on the CPU whatever the device, and equals the uninterrupted run; changing --epochs_num (the
+    linear schedule's length) is refused naming both values."""
+    common = ["--learning_rate", "1e-3", "--batch_size", "8", "--epochs_num", "2", "--report_steps", "2"]
+    common += ["--max_tags", "10"]
+    assert main(stage_argv(demo, tmp_path, "pointwise", "full", *common)) == 0
+    full = json.loads((tmp_path / "pointwise" / "full" / "metrics.json").read_text())
+    capsys.readouterr()
+
+    real_loss, calls = ranking._pointwise_loss, []
+
+    def interrupted_loss(model, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(ranking, "_pointwise_loss", interrupted_loss)
+    assert main(stage_argv(demo, tmp_path, "pointwise", "cut", *common)) == 130
+    err = capsys.readouterr().err
+    last = tmp_path / "pointwise" / "cut" / "checkpoints" / "last.pt"
+    assert err.count("\n") == 1 and f"--procedure pointwise --resume {last}" in err
+    monkeypatch.setattr(ranking, "_pointwise_loss", real_loss)
+
+    resume = ["--procedure", "pointwise", "--resume", str(last), "--num_workers", "0"]
+    assert main([*resume, "--epochs_num", "3"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"--resume {last}: --epochs_num 3 differs from the run's 2; a resumed run keeps its settings" in err
+    )
+
+    real_load, map_locations = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        map_locations.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    assert (
+        main([*resume, "--device", "cpu:0", "--exp_name", "elsewhere", "--log_dir", str(tmp_path / "x")]) == 0
+    )
+    assert map_locations and set(map_locations) == {"cpu"}
+    assert not (tmp_path / "x").exists()
+    resumed = json.loads((tmp_path / "pointwise" / "cut" / "metrics.json").read_text())
+    assert resumed == full
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so_and_what_to_delete(demo, tmp_path, capsys, monkeypatch):
+    def interrupted_loss(model, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ranking, "_pointwise_loss", interrupted_loss)
+    argv = stage_argv(demo, tmp_path, "pointwise", "early", "--batch_size", "8", "--epochs_num", "1")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to resume" in err and "--resume" not in err
+    run = tmp_path / "pointwise" / "early"
+    run.mkdir(parents=True, exist_ok=True)  # as a run stopped after its first write, before a checkpoint
+    (run / "config.json").write_text("{}")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"holds no checkpoint to resume; delete it (rm -r {run})" in err and "--resume" not in err

@@ -42,7 +42,9 @@ def meteor():
 def test_prefix_rewards_equal_meteor_computed_directly(meteor):
     reward = MeteorReward(meteor)
     tokens = ["a", "man", ",", "runs", "on", "a", "track", "."]
-    (prefix_scores,) = reward.prefixes([tokens], [REFERENCES[0]])
+    prefix_scores = reward.sentence(
+        [hypothesis_text(tokens[: t + 1]) for t in range(len(tokens))], [REFERENCES[0]] * len(tokens)
+    )
     expected = [
         meteor.sentence_scores([(hypothesis_text(tokens[: t + 1]), [REFERENCES[0]])])[0]
         for t in range(len(tokens))

@@ -349,7 +349,7 @@ def test_nan_reward_stops_naming_the_step_with_the_last_checkpoint_intact(
     err = capsys.readouterr().err
     last = tmp_path / "train_rl_cap" / "nan" / "checkpoints" / "last"
     assert (
-        err.count("\n") == 1 and "non-finite reward" in err and "in epoch 2, batch 0 (optimiser step 7" in err
+        err.count("\n") == 1 and "non-finite reward" in err and "at optimiser step 7 (epoch 2, batch 0" in err
     )
     assert f"last good checkpoint is {last}" in err
     state = torch.load(last / TRAINING_FILE, weights_only=True)

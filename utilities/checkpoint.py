@@ -35,13 +35,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with `weights_only=True`; a missing, corrupt, truncated or unsafe file is an InputError."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load with `weights_only=True`; a missing, corrupt, truncated or unsafe file is an InputError. `mmap`:
+    tensors stay on disk until read (for a look at a large file's settings)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "global" not in detail.lower():
@@ -65,11 +68,16 @@ SizeKey = tuple[str, str, int | None]
 def load_model_state(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
-    """Strict load; a state that does not fit is an InputError from `state_mismatch`."""
-    problem = state_mismatch(state_dict, model)
+    """Strict load; a state that does not fit is an InputError (`check_model_state`)."""
+    check_model_state(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_model_state(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """InputError saying why `state` does not fit `model` (which may live on the meta device)."""
+    problem = state_mismatch(state, model)
     if problem:
         raise InputError(f"{source} does not fit the model: {problem}")
-    model.load_state_dict(state_dict)
 
 
 def state_mismatch(state: Mapping[str, Any], model: nn.Module) -> str | None:
@@ -122,7 +130,7 @@ def _shape(value: Any) -> tuple[int, ...] | str:
 
 
 def training_state(
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     cfg: Config,
     *,
@@ -132,11 +140,12 @@ def training_state(
     scheduler: Any = None,
     vocabulary: list[str] | None = None,
     data_generator: torch.Generator | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Everything an exact resume needs. `epoch`/`step` count what is *done*."""
-    return {
+    """Everything an exact resume needs. `epoch`/`step` count what is *done*. `model` None: the weights are
+    saved beside it (a captioning checkpoint folder); `extra`: the loop's own counters and generators."""
+    state = {
         "format_version": FORMAT_VERSION,
-        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "epoch": epoch,
@@ -146,12 +155,16 @@ def training_state(
         "data_generator": None if data_generator is None else data_generator.get_state(),
         "config": cfg.to_dict(),
         "vocabulary": vocabulary,
+        **extra,
     }
+    if model is not None:
+        state["model"] = model.state_dict()
+    return state
 
 
 def restore_training_state(
     state: dict[str, Any],
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: torch.optim.Optimizer,
     *,
     scheduler: Any = None,
@@ -163,16 +176,18 @@ def restore_training_state(
 
     A scheduler or data-generator state on one side only (saved but nothing to restore it into, or expected
     but not saved) would make the resume silently inexact: an error, unless the caller names it in
-    `allow_missing` (e.g. `{"scheduler"}` when a run deliberately adds a scheduler on resume).
+    `allow_missing` (e.g. `{"scheduler"}` when a run deliberately adds a scheduler on resume). `model` None:
+    the weights were loaded from their own files.
     """
-    missing = [k for k in TRAINING_KEYS if k not in state]
+    missing = [k for k in TRAINING_KEYS if k not in state and (k != "model" or model is not None)]
     if missing:
         raise InputError(f"{source} is not a training checkpoint: missing {', '.join(missing)}")
     if state["format_version"] != FORMAT_VERSION:
         raise InputError(
             f"{source}: checkpoint format {state['format_version']}, this code reads {FORMAT_VERSION}"
         )
-    load_model_state(model, state["model"], source)
+    if model is not None:
+        load_model_state(model, state["model"], source)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:

@@ -1,5 +1,5 @@
-"""The exceptions main.py reports on one line, without a traceback: bad user input, and an external program
-(Java) that failed in a way the user has to act on."""
+"""The exceptions main.py reports on one line, without a traceback: bad user input, an external program (Java)
+that failed in a way the user has to act on, a training run that cannot go on, and Ctrl-C."""
 
 
 class InputError(ValueError):
@@ -14,3 +14,8 @@ class ToolError(RuntimeError):
 class TrainingError(RuntimeError):
     """Training cannot go on: a loss became NaN or infinite. The message names the step and the last good
     checkpoint, which is left intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run. The message says where the last checkpoint is (and how to resume), or that none
+    was written; main.py prints it on one line and exits with 130."""

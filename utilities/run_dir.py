@@ -2,7 +2,9 @@
 `checkpoints/`. Everything needed to reproduce or resume a run lives there; nothing is overwritten silently.
 
 The folder is created, with config.json, by the run's first write (`materialise`, which every writer calls):
-a run that stops on bad input before writing anything leaves no folder behind.
+a run that stops on bad input before writing anything leaves no folder behind. A training run's resumable
+checkpoint is named `checkpoints/last` (a folder), `checkpoints/last.pt` or `checkpoints/<name>_last.pt`;
+`--resume` of one continues in the run directory that holds it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class RunDir:
             log.info("run directory: %s", self.path)
         return self.path
 
+    def last_checkpoint(self) -> Path | None:
+        """The run's resumable checkpoint on disk (None before the first one is written)."""
+        return resumable_checkpoint(self.path)
+
     @property
     def checkpoints(self) -> Path:
         folder = self.materialise() / "checkpoints"
@@ -80,16 +86,19 @@ class RunDir:
     @classmethod
     @contextmanager
     def open(cls, cfg: Config) -> Iterator[RunDir]:
-        """Decide the run directory (`--resume` from a checkpoint inside one reopens it) and record the settings
-        as given for its config.json; nothing is created until the first write."""
-        root = Path(cfg.log_dir) / cfg.procedure
-        if cfg.exp_name is None:
-            cfg.exp_name = _free_timestamp_name(root)
-        path = root / cfg.exp_name
-        resuming = _resumes_inside(cfg, path)
-        if not resuming:
+        """Decide the run directory and record the settings as given for its config.json; nothing is created
+        until the first write. `--resume` continues in the run directory the checkpoint belongs to, whatever
+        `--exp_name` / `--log_dir` say (they are set to that directory's)."""
+        if cfg.resume:
+            path = run_of_checkpoint(cfg.resume)
+            cfg.log_dir, cfg.exp_name = str(path.parent.parent), path.name
+        else:
+            root = Path(cfg.log_dir) / cfg.procedure
+            if cfg.exp_name is None:
+                cfg.exp_name = _free_timestamp_name(root)
+            path = root / cfg.exp_name
             refuse_existing(path)
-        run = cls(path, Config(**copy.deepcopy(cfg.to_dict())), resuming)
+        run = cls(path, Config(**copy.deepcopy(cfg.to_dict())), resuming=bool(cfg.resume))
         try:
             yield run
         finally:
@@ -97,10 +106,40 @@ class RunDir:
 
 
 def refuse_existing(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    """A run never writes into another run's directory; the message says how to continue or clear it."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    checkpoint = resumable_checkpoint(path)
+    if checkpoint is not None:
         raise InputError(
-            f"run directory {path} already exists; choose another --exp_name or --resume a checkpoint inside it"
+            f"run directory {path} already exists; choose another --exp_name, or continue that run with "
+            f"--resume {checkpoint}"
         )
+    raise InputError(
+        f"run directory {path} already exists and holds no checkpoint to resume; delete it (rm -r {path}) or "
+        "choose another --exp_name"
+    )
+
+
+def resumable_checkpoint(run_path: Path) -> Path | None:
+    """`checkpoints/last`, `checkpoints/last.pt` or `checkpoints/<name>_last.pt` of a run directory, if any."""
+    folder = run_path / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.iterdir() if p.name in ("last", "last.pt") or p.name.endswith("_last.pt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_of_checkpoint(checkpoint: str | Path) -> Path:
+    """The run directory of a checkpoint: the folder above the `checkpoints/` folder that holds it."""
+    path = Path(checkpoint)
+    for folder in (*path.parents, *path.resolve().parents):  # as given (for messages), else resolved
+        if folder.name == "checkpoints":
+            return folder.parent
+    raise InputError(
+        f"--resume {checkpoint}: not inside a run directory's checkpoints/ folder "
+        "(<log_dir>/<procedure>/<exp_name>/checkpoints/...); a resumed run continues in its own run directory"
+    )
 
 
 def _free_timestamp_name(root: Path) -> str:
@@ -109,7 +148,3 @@ def _free_timestamp_name(root: Path) -> str:
     while (root / candidate).exists():
         candidate, n = f"{name}_{n}", n + 1
     return candidate
-
-
-def _resumes_inside(cfg: Config, path: Path) -> bool:
-    return bool(cfg.resume) and path.resolve() in Path(cfg.resume).resolve().parents

@@ -29,6 +29,7 @@ import torch
 
 from datasets.embeddings import embedding_matrix
 from datasets.vocabulary import Vocabulary
+from epoch_loops.training import TRAINING_FILE
 from model.captioning.bmhrl import (
     RUN_SETTINGS,
     AgentConfig,
@@ -49,7 +50,6 @@ WORKER_VALUE_FILE = "bm_worker_value_function.pt"
 MANAGER_VALUE_FILE = "bm_manager_value_function.pt"
 VOCABULARY_FILE = "vocabulary.json"
 AGENT_CONFIG_FILE = "agent_config.json"
-TRAINING_FILE = "training_state.pt"
 
 
 @dataclass

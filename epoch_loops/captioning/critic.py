@@ -17,7 +17,6 @@ threshold `--rl_critic_score_threshhold`; the best epoch on held-out F1 is what 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +27,10 @@ from datasets.captioning.activitynet import read_captions_csv
 from datasets.captioning.segment_labels import LabelledCaption, read_seg_labels_json
 from datasets.embeddings import embedding_matrix
 from datasets.vocabulary import Vocabulary, tokenize, vocabulary_from_config
+from epoch_loops.training import Optimisation, Saver, checkpoint_state, optimiser_step, resume
 from model.blocks import VocabularyEmbedder
 from model.captioning.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
-from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
 from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
@@ -146,7 +146,7 @@ def train_epoch(
     critic: SegmentCritic,
     embed: VocabularyEmbedder,
     data: CriticData,
-    optimizer: torch.optim.Optimizer,
+    opt: Optimisation,
     generator: torch.Generator,
     cfg: Config,
     epoch: int,
@@ -162,16 +162,7 @@ def train_epoch(
         ids, labels, mask = data.batch(index, pad_idx, cfg.device)
         logits, _ = critic.logits(embed(ids))
         loss = masked_bce(logits, labels, mask, pos_weight)
-        if not torch.isfinite(loss):
-            raise InputError(
-                f"train_critic: loss is {loss.item()} at epoch {epoch} step {step}; stopped (the last good "
-                f"checkpoint is intact); try a lower --critic_lr or --grad_clip"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-        optimizer.step()
+        optimiser_step(opt, loss, f"epoch {epoch}, batch {step}")
         total += loss.item() * int(mask.sum())
         tokens += int(mask.sum())
     return total / tokens
@@ -203,7 +194,9 @@ def original_state_dict(critic: SegmentCritic) -> dict[str, torch.Tensor]:
 def train_critic(cfg: Config, run: RunDir) -> None:
     train = read_labelled_captions(cfg.train_meta_path)
     heldout = read_labelled_captions(cfg.val_1_meta_path)
-    resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
+    resume_state = (
+        load_checkpoint(cfg.resume) if cfg.resume else None
+    )  # its vocabulary, before anything is built
     if resume_state is not None:
         vocab = Vocabulary(resume_state.get("vocabulary") or [], source=f"{cfg.resume} (vocabulary)")
     else:  # --vocab_path, or built from the training captions as train_rl_cap builds it
@@ -215,7 +208,9 @@ def train_critic(cfg: Config, run: RunDir) -> None:
         embedding_matrix(cfg.word_emb_caps, vocab.itos, cfg.d_model_caps, seed=cfg.seed)
     )
     embed = embed.to(cfg.device)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
+    opt = Optimisation(
+        cfg.procedure, torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr), cfg.grad_clip, run
+    )
     generator = data_generator(cfg.seed)
     rate = boundary_rate(train_data)
     if rate == 0:
@@ -241,18 +236,17 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     }
     start_epoch = 0
     if resume_state is not None:
-        counters = restore_training_state(
-            resume_state, critic, optimizer, data_generator=generator, source=cfg.resume
-        )
-        start_epoch, metrics = counters["epoch"], resume_state["metrics"]
+        state = resume(opt, cfg.resume, critic, data_generator=generator)
+        start_epoch, metrics = state["epoch"], state["metrics"]
     else:
         run.write_json("vocabulary.json", vocab.to_list())
+    saver = Saver(run)
     baseline = metrics["baselines"]["all_boundary"]["f1"]
     print(f"held-out trivial baselines: all-boundary F1 {baseline:.3f}, no-boundary F1 0.000")
 
     for epoch in range(start_epoch + 1, cfg.epoch_num + 1):
         train_loss = train_epoch(
-            critic, embed, train_data, optimizer, generator, cfg, epoch, pos_weight, vocab.pad_idx
+            critic, embed, train_data, opt, generator, cfg, epoch, pos_weight, vocab.pad_idx
         )
         heldout_loss, counts = evaluate(
             critic, embed, heldout_data, cfg.B * cfg.inf_B_coeff, vocab.pad_idx, cfg.device
@@ -263,25 +257,22 @@ def train_critic(cfg: Config, run: RunDir) -> None:
         metrics["epochs"].append(record)
         if improved:
             metrics["best"] = record
-            save_checkpoint(run.checkpoints / CRITIC_FILE, original_state_dict(critic))
-            if cfg.critic_out:
-                save_checkpoint(cfg.critic_out, original_state_dict(critic))
+            saver.save(
+                CRITIC_FILE, original_state_dict(critic), *([cfg.critic_out] if cfg.critic_out else [])
+            )
         report_epoch(run, cfg, record, improved)
         run.write_metrics("metrics.json", metrics, cfg.metrics_out)
-        save_checkpoint(
-            run.checkpoints / LAST_FILE,
-            training_state(
-                critic,
-                optimizer,
-                cfg,
-                epoch=epoch,
-                step=epoch * math.ceil(len(train_data) / cfg.B),
-                best_metric=metrics["best"]["f1"],
-                vocabulary=vocab.to_list(),
-                data_generator=generator,
-            )
-            | {"metrics": metrics},
+        state = checkpoint_state(
+            opt,
+            cfg,
+            critic,
+            epoch=epoch,
+            best_metric=metrics["best"]["f1"],
+            vocabulary=vocab.to_list(),
+            data_generator=generator,
+            metrics=metrics,
         )
+        saver.save(LAST_FILE, state)
     best = metrics["best"]
     if best is not None:
         print(

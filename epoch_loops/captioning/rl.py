@@ -40,6 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,15 +49,18 @@ import torch.nn.functional as F
 from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning.agent_files import Agents
-from epoch_loops.training import Trainer, diverged, optimiser_step
+from epoch_loops.training import diverged
 from evaluation.meteor import JavaError
 from evaluation.rewards import SentenceReward, build_reward, hypothesis_text, reference_tokens
-from model.captioning.decoding import greedy_decode, sample
+from model.captioning.decoding import draw, greedy_decode, sample
 from model.captioning.losses import biased_kl_loss
 from utilities.config import Config
 from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
 from utilities.log import progress
+
+if TYPE_CHECKING:
+    from epoch_loops.captioning.train import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -308,21 +312,13 @@ def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewar
     return StepResult(policy, v_loss, stats)
 
 
-def categorical(log_probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """One token per position from exp(log_probs) (..., V), random numbers from `rng` (CPU, any device)."""
-    cumulative = log_probs.detach().exp().cumsum(-1)
-    u = torch.rand(*cumulative.shape[:-1], 1, generator=rng).to(cumulative)
-    picked = torch.searchsorted(cumulative, u * cumulative[..., -1:]).squeeze(-1)
-    return picked.clamp_max(log_probs.shape[-1] - 1)
-
-
 def biased_kl_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewards) -> StepResult:
     cfg, agents = trainer.cfg, trainer.agents
     agent = agents.agent
     out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
     targets = batch.captions[:, 1:]
     real = targets != agent.pad_idx
-    sampled = categorical(out.log_probs, agent.rng).masked_fill(~real, agent.pad_idx)
+    sampled = draw(out.log_probs, agent.rng).masked_fill(~real, agent.pad_idx)
     p_sampled = out.log_probs.gather(-1, sampled[..., None]).squeeze(-1).exp()
     refs = [rewards.references[c] for c in batch.raw_captions]
     curve = rewards.prefix_rewards(sampled, real, refs)
@@ -394,9 +390,11 @@ def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
         try:
             result = step(trainer, batch, module, rewards)
         except NonFiniteReward as e:
-            raise diverged(trainer, f"reward ({e})", math.nan, epoch, i, batch) from None
+            raise diverged(
+                trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
+            ) from None
         loss = result.policy_loss + result.value_loss
-        result.stats["grad_norm"] = optimiser_step(trainer, loss, epoch, i, batch)
+        result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
         result.stats["reward_seconds"] = rewards.seconds
         result.stats["step_seconds"] = time.perf_counter() - started
         for key, value in result.stats.items():

@@ -42,30 +42,34 @@ from datasets.vocabulary import Vocabulary, vocabulary_from_config
 from epoch_loops.captioning import rl
 from epoch_loops.captioning.agent_files import (
     TRAINING_FILE,
+    Agents,
     is_checkpoint_folder,
     load_agents,
     new_agents,
     save_agents,
 )
-from epoch_loops.training import Trainer, optimiser_step
+from epoch_loops.training import (
+    Optimisation,
+    Saver,
+    checkpoint_state,
+    optimiser_step,
+    resume,
+)
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
 from evaluation.meteor import Meteor
 from model.captioning.bmhrl import BMHRLAgent, trainable_parameters
 from model.captioning.decoding import beam_search, greedy_decode
 from model.captioning.losses import label_smoothing_loss
-from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
 from utilities.distributed import global_sum, loss_normaliser
 from utilities.errors import InputError
 from utilities.log import progress
 from utilities.run_dir import RunDir, is_rank0
-from utilities.seeding import rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("val_1", "val_2")
 GT_TIOU = 0.5  # ground-truth segments: one threshold, as BMT and BMHRL validate
-TRAINING_FORMAT = 1
 MODALITY_OF_MODE = {"BMHRL": "audio_video", "BM": "audio_video", "AHRL": "audio", "VHRL": "video"}
 
 
@@ -107,7 +111,7 @@ def train(cfg: Config, run: RunDir, meteor: Meteor | None = None) -> TrainState 
         if meteor is None:
             meteor = stack.enter_context(Meteor())
         validation = Validation(cfg, {s: datasets[s] for s in SPLITS}, val_batches, meteor)
-        trainer = Trainer.create(cfg, agents, train_batches, meteor)
+        trainer = Trainer.create(cfg, agents, train_batches, meteor, run)
         state = restore(trainer, resume) if resume else TrainState()
         return fit(trainer, validation, run, state)
 
@@ -136,6 +140,87 @@ def caption_datasets(
         split: build_caption_dataset(reading, getattr(cfg, f"{split}_meta_path"), vocab, stores)
         for split in splits
     }
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """What an epoch function works with. The optimiser (`optimisation`, stepped by the shared
+    `optimiser_step`) is one Adam with one parameter group per trained module group
+    (`BMHRLAgent.module_groups`: 'worker', 'manager'; plus 'worker_value_function', 'manager_value_function'),
+    each named by its "name" key; a frozen group's parameters get no gradient (grads are set to None), so Adam
+    leaves them, and their moments, alone. `scheduler` is the plateau schedule the loop steps on validation."""
+
+    cfg: Config
+    agents: Agents
+    optimisation: Optimisation
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    train_batches: CaptionLoader
+    device: torch.device
+    meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
+    rewards: Any = None  # the RL reward and tokenised references (epoch_loops.captioning.rl), built at the first RL epoch
+
+    @classmethod
+    def create(
+        cls,
+        cfg: Config,
+        agents: Agents,
+        train_batches: CaptionLoader,
+        meteor: Meteor,
+        run: RunDir | None = None,
+    ) -> Trainer:
+        device = torch.device(cfg.device)
+        agents.to(device)
+        agent_lr = cfg.rl_cap_warmstart_lr if cfg.rl_warmstart_epochs > 0 else cfg.rl_cap_lr
+        groups = [
+            {"name": name, "params": _parameters(modules), "lr": agent_lr, "weight_decay": cfg.weight_decay}
+            for name, modules in agents.agent.module_groups().items()
+        ]
+        for name, module in (
+            ("worker_value_function", agents.worker_value),
+            ("manager_value_function", agents.manager_value),
+        ):
+            groups.append({"name": name, "params": list(module.parameters()), "lr": cfg.rl_value_function_lr})
+        optimizer = torch.optim.Adam(groups)
+        scheduler = None
+        if cfg.scheduler == "reduce_on_plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.lr_reduce_factor, patience=cfg.lr_patience
+            )
+        optimisation = Optimisation(cfg.procedure, optimizer, cfg.grad_clip, run)
+        return cls(cfg, agents, optimisation, scheduler, train_batches, device, meteor)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimisation.optimizer
+
+    def group(self, name: str) -> dict:
+        return next(g for g in self.optimizer.param_groups if g["name"] == name)
+
+    def agent_lr(self) -> float:
+        return self.group("worker")["lr"]
+
+    def optimiser_step(
+        self, loss: torch.Tensor, epoch: int, batch_index: int, batch: CaptionBatch | None
+    ) -> float:
+        """`optimiser_step` over the agent and both value functions; a stop names the epoch, batch and videos."""
+        return optimiser_step(self.optimisation, loss, self.place(epoch, batch_index, batch))
+
+    @staticmethod
+    def place(epoch: int, batch_index: int, batch: CaptionBatch | None) -> str:
+        """Where a step is, for a stop's message: epoch, batch and its first videos."""
+        videos = "" if batch is None else f"; videos {', '.join(dict.fromkeys(batch.video_ids[:3]))}, ..."
+        return f"epoch {epoch}, batch {batch_index}{videos}"
+
+
+def _parameters(modules: Sequence[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    seen: dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 # ---- the epoch plan: where the RL phases plug in ---------------------------------------------------------------
@@ -179,43 +264,25 @@ class TrainState:
 
 
 def training_state(trainer: Trainer, state: TrainState) -> dict[str, Any]:
-    return {
-        "format_version": TRAINING_FORMAT,
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": None if trainer.scheduler is None else trainer.scheduler.state_dict(),
-        "step": trainer.step,
-        "epoch": state.epoch,
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "stale": state.stale,
-        "history": state.history,
-        "rng": rng_states(),
-        "agent_rng": trainer.agents.agent.rng.get_state(),
-        "config": trainer.cfg.to_dict(),
-    }
+    """`training_state.pt` of a checkpoint folder (the weights are the folder's agent files)."""
+    return checkpoint_state(
+        trainer.optimisation,
+        trainer.cfg,
+        None,
+        epoch=state.epoch,
+        best_metric=state.best_metric,
+        scheduler=trainer.scheduler,
+        best_epoch=state.best_epoch,
+        stale=state.stale,
+        history=state.history,
+        agent_rng=trainer.agents.agent.rng.get_state(),
+    )
 
 
 def restore(trainer: Trainer, folder: Path) -> TrainState:
     """Put a checkpoint's optimiser, scheduler, counters and RNG states back (its weights are loaded already)."""
-    source = folder / TRAINING_FILE
-    saved = load_checkpoint(source)
-    if saved.get("format_version") != TRAINING_FORMAT:
-        raise InputError(
-            f"{source}: training state format {saved.get('format_version')}, expected {TRAINING_FORMAT}"
-        )
-    try:
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise InputError(f"{source}: the optimiser state does not fit this run ({e})") from None
-    if (saved["scheduler"] is None) != (trainer.scheduler is None):
-        raise InputError(f"{source}: saved with another --scheduler; resume with the run's own settings")
-    if trainer.scheduler is not None:
-        trainer.scheduler.load_state_dict(saved["scheduler"])
-    set_rng_states(saved["rng"])
+    saved = resume(trainer.optimisation, folder, None, scheduler=trainer.scheduler)
     trainer.agents.agent.rng.set_state(saved["agent_rng"])
-    trainer.step = saved["step"]
-    trainer.last_checkpoint = str(folder)
-    log.info("resuming from %s after epoch %d", folder, saved["epoch"] - 1)
     return TrainState(
         saved["epoch"], saved["best_metric"], saved["best_epoch"], saved["stale"], saved["history"]
     )
@@ -269,11 +336,10 @@ def record_epoch(
     cfg, epoch = trainer.cfg, record["epoch"]
     for name, submission in submissions.items():
         run.write_json(name, submission)
-    training = training_state(trainer, state)
-    save_agents(run.checkpoints / "last", trainer.agents, training)
-    trainer.last_checkpoint = str(run.checkpoints / "last")
+    training, saver = training_state(trainer, state), Saver(run)
+    saver.save_folder("last", lambda folder: save_agents(folder, trainer.agents, training))
     if improved:
-        save_agents(run.checkpoints / f"E_{epoch}", trainer.agents, training)
+        saver.save_folder(f"E_{epoch}", lambda folder: save_agents(folder, trainer.agents, training))
     run.write_metrics("metrics.json", metrics_summary(cfg, state), cfg.metrics_out)
     writer = run.writer
     if writer is not None:
@@ -322,7 +388,7 @@ def warm_start_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
     ):
         batch = batch.to(trainer.device, non_blocking=True)
         loss, normaliser = warm_start_loss(agent, batch, trainer.cfg.smoothing)
-        grad_norms.append(optimiser_step(trainer, loss, epoch, i, batch))
+        grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
         loss_sum += loss.detach().double() * normaliser
         tokens += normaliser
     return {

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.ranking.scorer import (
-    RUN_SETTINGS,
-    LabelRankingConfig,
-    check_state_layout,
-    join_ppo_state,
-    split_ppo_state,
+from model.ranking.scorer import RUN_SETTINGS, LabelRankingConfig, join_ppo_state, split_ppo_state
+from utilities.checkpoint import (
+    FORMAT_VERSION,
+    check_model_state,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
 )
-from utilities.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir, is_rank0
@@ -120,8 +120,7 @@ def reward_state(weights: RankingWeights) -> dict[str, Tensor]:
 
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
-    check_state_layout(state, model, source)
-    model.load_state_dict(state)
+    load_model_state(model, state, source)
     return model
 
 
@@ -137,11 +136,11 @@ def export_ranking(cfg: Config, run: RunDir) -> None:
         models = {"pointwise": sizes.build_scorer, "reward": sizes.build_reward_model}
         if weights.kind == "ppo":
             actor, critic = split_ppo_state(weights.state, weights.source)
-            check_state_layout(actor, sizes.build_scorer(), f"{weights.source} (actor)")
-            check_state_layout(critic, sizes.build_reward_model(), f"{weights.source} (critic)")
+            check_model_state(sizes.build_scorer(), actor, f"{weights.source} (actor)")
+            check_model_state(sizes.build_reward_model(), critic, f"{weights.source} (critic)")
             state = join_ppo_state(actor, critic)
         else:
-            check_state_layout(weights.state, models[weights.kind](), weights.source)
+            check_model_state(models[weights.kind](), weights.state, weights.source)
             state = weights.state
     if cfg.export_format == "released":
         content = dict(state)

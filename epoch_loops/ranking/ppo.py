@@ -38,20 +38,27 @@ from epoch_loops.ranking.checkpoints import (
     reward_state,
 )
 from epoch_loops.ranking.stages import (
-    Saver,
-    adamw,
     graded_splits,
-    linear_schedule,
+    load_best,
     loader,
     ndcg,
     open_features,
-    optimiser_step,
     print_dry_run,
     print_trainable,
     report,
     require,
+    save_best,
     stream_seed,
     write_final_metrics,
+)
+from epoch_loops.training import (
+    Optimisation,
+    Saver,
+    adamw,
+    checkpoint_state,
+    linear_schedule,
+    optimiser_step,
+    resume,
 )
 from evaluation.ranking import SELECTION_METRIC
 from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
@@ -63,7 +70,6 @@ from model.ranking.scorer import (
     plackett_luce_log_prob,
     sample_plackett_luce,
 )
-from utilities.checkpoint import load_checkpoint, restore_training_state, training_state
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.log import progress
@@ -206,26 +212,25 @@ def train_ppo(
     steps_per_epoch = cfg.ppo_epochs * sum(math.ceil(n / minibatch) for n in sizes)
     batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs_num
-    policy, saver = models.policy, Saver(run, "ppo", cfg)
+    policy, saver = models.policy, Saver(run)
     optimizer = adamw(
         [(models.actor, cfg.learning_rate), (models.critic, cfg.critic_learning_rate)],
         cfg.ranking_weight_decay,
     )
-    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
-    step, updates, epoch, batches_done, best = 0, 0, 0, 0, None
+    opt = Optimisation(
+        "ppo", optimizer, cfg.grad_clip, run, linear_schedule(optimizer, total_steps, cfg.warmup)
+    )
+    updates, epoch, batches_done = 0, 0, 0
     logs: dict[str, list[float]] = {}
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, map_location=cfg.device)
-        if state.get("kind") != "ppo":
-            raise InputError(f"--resume {cfg.resume}: a {state.get('kind')} checkpoint, not ppo")
-        counters = restore_training_state(state, policy, optimizer, scheduler=scheduler, source=cfg.resume)
-        step, best = counters["step"], counters["best_metric"]
-        epoch, batches_done, updates = state["epoch"], state["batches_done"], state["updates"]
-        saver.last = cfg.resume
+        state = resume(opt, cfg.resume, policy, kind="ppo")
+        best, epoch, batches_done, updates = (
+            state[k] for k in ("best_metric", "epoch", "batches_done", "updates")
+        )
     else:
         initial = ndcg(cfg, models.actor, splits["dev"])  # the initial actor is a candidate too
         best = initial[SELECTION_METRIC]
-        saver.save_best(policy, step=0, updates=0, dev=initial)
+        save_best(saver, "ppo", policy, cfg, step=0, updates=0, dev=initial)
         log.info("ppo: initial actor dev NDCG@all %.4f", best)
     log.info("ppo (%s): %d pairs per epoch, %d optimiser steps", cfg.ppo_objective, len(train), total_steps)
     while epoch < cfg.epochs_num:
@@ -242,20 +247,17 @@ def train_ppo(
                 continue
             rollout = Rollout.concat(parts)
             parts = []
-            step = update(cfg, models, train, rollout, optimizer, scheduler, saver, step, updates, logs)
+            update(cfg, models, train, rollout, opt, updates, logs)
             updates += 1
             metrics = ndcg(cfg, models.actor, splits["dev"])
             improved = metrics[SELECTION_METRIC] > best
             if improved:
                 best = metrics[SELECTION_METRIC]
-                saver.save_best(policy, step=step, updates=updates, dev=metrics)
-            state = training_state(
-                policy, optimizer, cfg, epoch=epoch, step=step, best_metric=best, scheduler=scheduler
-            )
-            saver.save_last({**state, "batches_done": batches_done, "updates": updates})
-            report(run, "ppo", updates, logs, metrics, scheduler.get_last_lr()[0], improved)
-    saver.load_best(policy)
-    selected = load_checkpoint(run.path / "checkpoints" / "best.pt")
+                save_best(saver, "ppo", policy, cfg, step=opt.step, updates=updates, dev=metrics)
+            state = checkpoint_state(opt, cfg, policy, epoch=epoch, best_metric=best)
+            saver.save("last.pt", {**state, "kind": "ppo", "batches_done": batches_done, "updates": updates})
+            report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
+    selected = load_best(run, policy)
     metrics = {
         "dev": ndcg(cfg, models.actor, splits["dev"]),
         "test": ndcg(cfg, models.actor, splits["test"]),
@@ -298,14 +300,11 @@ def update(
     models: PPOModels,
     dataset: PPOPairDataset,
     rollout: Rollout,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    saver: Saver,
-    step: int,
+    opt: Optimisation,
     updates: int,
     logs: dict[str, list[float]],
-) -> int:
-    """`--ppo_epochs` passes over the rollout in shuffled minibatches; returns the optimiser step count."""
+) -> None:
+    """`--ppo_epochs` passes over the rollout in shuffled minibatches, one optimiser step each."""
     if cfg.ppo_objective == "clip":
         advantage = rollout.reward - rollout.value_old
         rollout.advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-8)
@@ -317,11 +316,9 @@ def update(
         for index in torch.randperm(len(rollout), generator=generator).split(minibatch):
             part = rollout.select(index)
             loss, stats = minibatch_loss(cfg, models, dataset, part)
-            optimiser_step(cfg, saver, loss, step + 1, optimizer, scheduler)
-            step += 1
+            optimiser_step(opt, loss, f"update {updates + 1}, ppo epoch {ppo_epoch + 1}")
             for name, value in {"loss": loss.detach(), **stats}.items():
                 logs.setdefault(name, []).append(float(value))
-    return step
 
 
 def minibatch_loss(

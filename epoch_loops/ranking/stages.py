@@ -11,17 +11,16 @@ state (`checkpoints/last.pt`, for `--resume`), and at the end reports the select
 Fixed against the original (spec §8): one AdamW with PyTorch's no-decay groups (biases and norm weights), a
 linear warm-up/decay schedule over the real number of optimiser steps, deterministic evaluation (stored frame
 order, label-position tie rule), the test split reported, a NaN loss stops the run naming the step.
-DDP-ready: no module-level state, losses are per-batch means, and every file write goes through `Saver`, which
-writes on rank 0 only.
+DDP-ready: no module-level state, losses are per-batch means, and the optimiser step, NaN stop, checkpoint
+writes and resume are the shared machinery's (epoch_loops/training.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,15 @@ from epoch_loops.ranking.checkpoints import (
     read_ranking_weights,
     weights_checkpoint,
 )
+from epoch_loops.training import (
+    Optimisation,
+    Saver,
+    adamw,
+    checkpoint_state,
+    linear_schedule,
+    optimiser_step,
+    resume,
+)
 from evaluation.ranking import SELECTION_METRIC, clip_case, clip_ndcg, mean_ndcg, pair_accuracy
 from model.ranking.losses import pointwise_loss, reward_margin_loss
 from model.ranking.scorer import (
@@ -53,14 +61,9 @@ from model.ranking.scorer import (
     RewardModel,
     count_trainable_parameters,
 )
-from utilities.checkpoint import (
-    load_checkpoint,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-)
+from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
-from utilities.errors import InputError, TrainingError
+from utilities.errors import InputError
 from utilities.files import write_json_atomic
 from utilities.log import progress
 from utilities.run_dir import RunDir, is_rank0
@@ -69,40 +72,7 @@ from utilities.seeding import seed_worker
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Saver:
-    """The stage's checkpoint files, written on rank 0 only: `best.pt` (weights of the selected model) and
-    `last.pt` (everything `--resume` needs)."""
-
-    run: RunDir
-    kind: str
-    cfg: Config
-    last: Path | None = None  # the last good training state written, for error messages
-
-    def save_best(self, model: nn.Module, **extra: Any) -> None:
-        if is_rank0():
-            state = weights_checkpoint(self.kind, model.state_dict(), self.cfg, **extra)
-            save_checkpoint(self.run.checkpoints / "best.pt", state)
-
-    def save_last(self, state: dict[str, Any]) -> None:
-        if is_rank0():
-            self.last = save_checkpoint(self.run.checkpoints / "last.pt", {**state, "kind": self.kind})
-
-    def load_best(self, model: nn.Module) -> None:
-        weights = read_ranking_weights(self.run.path / "checkpoints" / "best.pt")
-        load_weights(model, weights.state, weights.source)
-
-    def check_finite(self, loss: Tensor, step: int) -> None:
-        """Stop before a non-finite loss reaches the weights; the last checkpoint on disk stays good."""
-        if not torch.isfinite(loss).all():
-            last = self.last or "none written yet"
-            raise TrainingError(
-                f"{self.kind} step {step}: the loss is {loss.item()}; stopped before the optimiser step "
-                f"(try a lower --learning_rate or --grad_clip). Last good checkpoint: {last}"
-            )
-
-
-# --- data, optimiser, schedule --------------------------------------------------------------------------------
+# --- data, checkpoints --------------------------------------------------------------------------------------
 
 
 def require(cfg: Config, *flags: str) -> None:
@@ -154,54 +124,17 @@ def loader(
     )
 
 
-def adamw(groups: Iterable[tuple[nn.Module, float]], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (eps 1e-6 as the original) with PyTorch's no-decay groups: biases, norm weights and other 1-d
-    parameters get no weight decay (the original decayed LayerNorm weights, spec §8.9). One (module, lr) per
-    model: PPO's actor and critic share one optimiser with their own learning rates."""
-    param_groups = []
-    for module, lr in groups:
-        no_decay = {
-            id(p)
-            for m in module.modules()
-            for name, p in m.named_parameters(recurse=False)
-            if name == "bias" or p.dim() <= 1 or isinstance(m, nn.LayerNorm)
-        }
-        params = [p for p in module.parameters() if p.requires_grad]
-        param_groups += [
-            {"params": [p for p in params if id(p) not in no_decay], "lr": lr, "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "lr": lr, "weight_decay": 0.0},
-        ]
-    fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(param_groups, eps=1e-6, fused=fused or None)
+def save_best(saver: Saver, kind: str, model: nn.Module, cfg: Config, **extra: Any) -> None:
+    """`checkpoints/best.pt`: the selected weights, with the run's config (model sizes)."""
+    saver.save("best.pt", weights_checkpoint(kind, model.state_dict(), cfg, **extra))
 
 
-def linear_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup × total_steps` steps, then linear decay towards 0 at `total_steps`. Step t
-    (0-based) uses (t+1)/W during warm-up, so the first step already learns (the original's was at lr 0)."""
-    warmup_steps = round(warmup * total_steps)
-
-    def factor(t: int) -> float:
-        if t < warmup_steps:
-            return (t + 1) / warmup_steps
-        return max(0.0, (total_steps - t) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def optimiser_step(
-    cfg: Config, saver: Saver, loss: Tensor, step: int, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> None:
-    """Check, backward, clip (`--grad_clip`), step, schedule."""
-    saver.check_finite(loss, step)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        for group in optimizer.param_groups:
-            torch.nn.utils.clip_grad_norm_(group["params"], cfg.grad_clip)
-    optimizer.step()
-    scheduler.step()
+def load_best(run: RunDir, model: nn.Module) -> dict[str, Any]:
+    """Put `checkpoints/best.pt`'s weights into `model`; returns the checkpoint (its step / update)."""
+    path = run.path / "checkpoints" / "best.pt"
+    weights = read_ranking_weights(path)
+    load_weights(model, weights.state, weights.source)
+    return load_checkpoint(path)
 
 
 def print_trainable(*models: nn.Module) -> None:
@@ -224,7 +157,7 @@ def score_clips(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> list
     scores = []
     for batch in loader(cfg, dataset):
         batch = batch.to(cfg.device)
-        out = scorer(batch.frames, batch.text, batch.mask).float().cpu().numpy()
+        out = scorer(batch.frames, batch.text).float().cpu().numpy()
         scores += [row[: int(n)] for row, n in zip(out, batch.mask.sum(1).tolist(), strict=True)]
     return scores
 
@@ -294,54 +227,39 @@ class SupervisedStage:
 
 
 def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[str, Any]:
-    model, saver = stage.model, Saver(run, stage.kind, cfg)
+    model, saver = stage.model, Saver(run)
     steps_per_epoch = math.ceil(len(stage.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs_num
     optimizer = adamw([(model, cfg.learning_rate)], cfg.ranking_weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
-    step, best = 0, None
+    opt = Optimisation(stage.kind, optimizer, cfg.grad_clip, run, scheduler)
+    best = None
     if cfg.resume:
-        state = load_checkpoint(cfg.resume, map_location=cfg.device)
-        if state.get("kind") != stage.kind:
-            raise InputError(f"--resume {cfg.resume}: a {state.get('kind')} checkpoint, not {stage.kind}")
-        counters = restore_training_state(state, model, optimizer, scheduler=scheduler, source=cfg.resume)
-        step, best = counters["step"], counters["best_metric"]
-        saver.last = Path(cfg.resume)
+        best = resume(opt, cfg.resume, model, kind=stage.kind)["best_metric"]
     log.info(
         "%s: %d samples, %d steps (%d per epoch)", stage.kind, len(stage.train), total_steps, steps_per_epoch
     )
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
+    while opt.step < total_steps:
+        epoch, skip = divmod(opt.step, steps_per_epoch)
         model.train()
         batches = loader(cfg, stage.train, epoch=epoch, shuffle=True, skip_batches=skip)
         for batch in progress(batches, desc=f"{stage.kind} epoch {epoch + 1}/{cfg.epochs_num}"):
             loss, stats = stage.loss(model, batch.to(cfg.device, non_blocking=True))
-            optimiser_step(cfg, saver, loss, step + 1, optimizer, scheduler)
-            step += 1
+            optimiser_step(opt, loss, f"epoch {epoch + 1}")
             for name, value in {"loss": loss.detach(), **stats}.items():
                 stage.logs.setdefault(name, []).append(float(value))
-            if step % cfg.report_steps and step != total_steps:
+            if opt.step % cfg.report_steps and opt.step != total_steps:
                 continue
             metrics = stage.evaluate["dev"](model)
             model.train()
             improved = best is None or metrics[stage.selection] > best
             if improved:
                 best = metrics[stage.selection]
-                saver.save_best(model, step=step, dev=metrics)
-            saver.save_last(
-                training_state(
-                    model,
-                    optimizer,
-                    cfg,
-                    epoch=step // steps_per_epoch,
-                    step=step,
-                    best_metric=best,
-                    scheduler=scheduler,
-                )
-            )
-            report(run, stage.kind, step, stage.logs, metrics, scheduler.get_last_lr()[0], improved)
-    saver.load_best(model)
-    best_state = load_checkpoint(run.path / "checkpoints" / "best.pt")
+                save_best(saver, stage.kind, model, cfg, step=opt.step, dev=metrics)
+            state = checkpoint_state(opt, cfg, model, epoch=opt.step // steps_per_epoch, best_metric=best)
+            saver.save("last.pt", {**state, "kind": stage.kind})
+            report(run, stage.kind, opt.step, stage.logs, metrics, scheduler.get_last_lr()[0], improved)
+    best_state = load_best(run, model)
     metrics = {
         "dev": stage.evaluate["dev"](model),
         "test": stage.evaluate["test"](model),
@@ -391,7 +309,7 @@ def report(
 
 
 def _pointwise_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
-    return pointwise_loss(model(batch.frames, batch.text, batch.mask), batch.targets, batch.mask), {}
+    return pointwise_loss(model(batch.frames, batch.text), batch.targets, batch.mask), {}
 
 
 def _reward_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]:

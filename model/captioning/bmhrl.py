@@ -115,14 +115,13 @@ class Memory:
 @dataclass
 class AgentOutput:
     """Teacher-forced outputs, (B, L, ...) at every decoder input position. The hierarchical fields are None
-    for the BM ablation; `goal_log_probs` is None unless the manager explored."""
+    for the BM ablation."""
 
     log_probs: torch.Tensor  # (B, L, V)
     worker_feat: torch.Tensor  # (B, L, d_caps)
     manager_feat: torch.Tensor | None  # (B, L, d_caps)
     goals: torch.Tensor | None  # (B, L, goal_d), held until the token after a segment end
     goal_starts: torch.Tensor | None  # (B, L) bool: a new goal is taken at this position
-    goal_log_probs: torch.Tensor | None  # (B, L): log-density of the explored goal where one is taken, else 0
 
 
 class KVCache:
@@ -538,18 +537,14 @@ class BMHRLAgent(nn.Module):
         C = self.pos_enc_C(embedded)
         worker_feat = self.bm_worker_fus(C, self.bm_worker_fus.memory_kv(memory), memory, C_mask)
         if not self.hierarchical:
-            return AgentOutput(
-                F.log_softmax(self.projection(worker_feat), -1), worker_feat, None, None, None, None
-            )
+            return AgentOutput(F.log_softmax(self.projection(worker_feat), -1), worker_feat, None, None, None)
         ends = self.critic.segment_ends(captions, embedded)
         starts = F.pad(ends[:, :-1], (1, 0), value=True)
         manager_feat = self.bm_manager_fus(C, self.bm_manager_fus.memory_kv(memory), memory, C_mask)
-        goals, goal_log_probs = self._explore(self.manager(manager_feat), self.exploration and self.training)
+        goals, _ = self._explore(self.manager(manager_feat), self.exploration and self.training)
         goals = expand_goals(goals, starts)
-        if goal_log_probs is not None:
-            goal_log_probs = goal_log_probs * starts
         log_probs = self.worker(worker_feat, goals, C_mask)
-        return AgentOutput(log_probs, worker_feat, manager_feat, goals, starts, goal_log_probs)
+        return AgentOutput(log_probs, worker_feat, manager_feat, goals, starts)
 
     def _explore(self, goals: torch.Tensor, explore: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The original's exploration distribution, goal + N(0.05·mean, (0.2·std)²), with mean and std taken

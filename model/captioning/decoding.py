@@ -112,6 +112,16 @@ class Rollout:
     goals: torch.Tensor | None  # (N, T, goal_d) the goal held at each position
 
 
+@torch.no_grad()
+def draw(log_probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """One token per distribution of `log_probs` (..., V) by inverse CDF, the uniforms from `rng` (a CPU
+    generator, so the same seed gives the same tokens on any device)."""
+    cumulative = log_probs.exp().cumsum(-1)
+    u = torch.rand(*cumulative.shape[:-1], 1, generator=rng).to(cumulative)
+    picked = torch.searchsorted(cumulative, u * cumulative[..., -1:]).squeeze(-1)
+    return picked.clamp_max(log_probs.shape[-1] - 1)
+
+
 def sample(
     agent: BMHRLAgent,
     video,
@@ -140,15 +150,8 @@ def sample(
     for _ in range(max_len):
         out = agent.step(ids, state)
         alive = ~finished
+        ids = draw(out.log_probs, agent.rng).masked_fill(finished, agent.pad_idx)
         with torch.no_grad():
-            cumulative = out.log_probs.exp().cumsum(-1)
-            u = torch.rand(N, 1, generator=agent.rng).to(cumulative)
-            ids = (
-                torch.searchsorted(cumulative, u * cumulative[:, -1:])
-                .squeeze(1)
-                .clamp_max(agent.vocab_size - 1)
-            )
-            ids = ids.masked_fill(finished, agent.pad_idx)
             entropy = -(out.log_probs.exp() * out.log_probs).sum(-1) * alive
         columns["tokens"].append(ids)
         columns["log_probs"].append(out.log_probs.gather(1, ids[:, None]).squeeze(1) * alive)

@@ -11,13 +11,12 @@ projected once per clip and every label's text tokens attend to the same keys/va
 the query axis), so nothing is repeated per label.
 
 State-dict keys equal the original's (`text_proj.*`, `img_proj.*`, `xit.0.0.0.fn.1.queries.*`, …, `pos_emb.weight`,
-`xitt.*`, `head.*`), so a released `.bin` loads with `load_state_dict`; `check_state_layout`, `split_ppo_state` and
-`join_ppo_state` move between the released layouts and ours with clear errors.
+`xitt.*`, `head.*`), so a released `.bin` loads with `load_state_dict`; `split_ppo_state` and `join_ppo_state`
+move between the released PPO layout and ours with clear errors.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utilities.checkpoint import state_mismatch
 from utilities.config import settings_for
 from utilities.errors import InputError
 
@@ -78,19 +76,18 @@ class CrossAttention(nn.Module):
         self.values = nn.Linear(dim, dim)
         self.projection = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x `[N, Lq, dim]` attends over y `[N, Lk, dim]`; key_mask `[N, Lk]` is True at real keys."""
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x `[N, Lq, dim]` attends over y `[N, Lk, dim]`."""
         n, lq, dim = x.shape
 
         def heads(t: Tensor) -> Tensor:
             return t.view(n, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
 
         q, k, v = heads(self.queries(x)), heads(self.keys(y)), heads(self.values(y))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
         if self.compat_xit_attention:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0) / math.sqrt(dim)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0) / math.sqrt(dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.projection(out.transpose(1, 2).reshape(n, lq, dim))
 
 
@@ -135,26 +132,24 @@ class XiT(nn.Module):
         self.add_module("0", nn.ModuleList([nn.ModuleList([_Residual(attention), _Residual(feed_forward)])]))
         self.add_module("1", nn.ModuleList([nn.LayerNorm(dim)]))
 
-    def forward(self, x: Tensor, y: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        """x `[N, Lq, dim]`, y `[N, Lk, dim]`, key_mask `[N, Lk]` (True = real) → `[N, Lq, dim]`."""
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x `[N, Lq, dim]`, y `[N, Lk, dim]` → `[N, Lq, dim]`."""
         norms, attention, dropout = self.get_submodule("0.0.0.fn")
-        x = x + dropout(attention(*norms(x, y), key_mask))
+        x = x + dropout(attention(*norms(x, y)))
         x = x + self.get_submodule("0.0.1.fn")(x)
         return self.get_submodule("1.0")(x)
 
 
 class AttentionPool(nn.Module):
-    """Softmax-weighted mean over tokens with one learned query; starts as the plain (masked) mean."""
+    """Softmax-weighted mean over tokens with one learned query; starts as the plain mean."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """x `[..., N, dim]`, mask `[..., N]` (True = real) → `[..., dim]`; invariant to the token order."""
+    def forward(self, x: Tensor) -> Tensor:
+        """x `[..., N, dim]` → `[..., dim]`; invariant to the token order."""
         logits = x @ self.query / math.sqrt(x.shape[-1])
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
         return (logits.softmax(-1).unsqueeze(-1) * x).sum(-2)
 
 
@@ -204,26 +199,20 @@ class FusionTrunk(nn.Module):
             self.frame_pool = AttentionPool(d)
             self.out_layer = Mlp(2 * d, feedforward_size, d)
 
-    def label_features(self, frames: Tensor, text: Tensor, frame_mask: Tensor | None = None) -> Tensor:
-        """frames `[B, F, visual_feat_dim]`, text `[B, L, T, text_feat_dim]`, frame_mask `[B, F]` → `[B, L, d]`.
-
-        Padded frames (frame_mask False) are hidden from attention and zeroed in the flattened head, so their
-        content never changes a score.
-        """
-        self._check_inputs(frames, text, frame_mask)
+    def label_features(self, frames: Tensor, text: Tensor) -> Tensor:
+        """frames `[B, F, visual_feat_dim]`, text `[B, L, T, text_feat_dim]` → `[B, L, d]`."""
+        self._check_inputs(frames, text)
         b, n_labels, n_tokens, _ = text.shape
         n_frames = frames.shape[1]
         img = self.img_proj(frames)
-        tokens = self.xit(self.text_proj(text).flatten(1, 2), img, frame_mask).view(b, n_labels, n_tokens, -1)
+        tokens = self.xit(self.text_proj(text).flatten(1, 2), img).view(b, n_labels, n_tokens, -1)
         if self.scorer_head == "pooled":
-            frame_vec = self.frame_pool(img, frame_mask).unsqueeze(1).expand(-1, n_labels, -1)
+            frame_vec = self.frame_pool(img).unsqueeze(1).expand(-1, n_labels, -1)
             return self.out_layer(torch.cat([self.text_pool(tokens), frame_vec], dim=-1))
-        if frame_mask is not None:
-            img = img * frame_mask.unsqueeze(-1)
         img = img.reshape(b, 1, n_frames * img.shape[-1]).expand(-1, n_labels, -1)
         return self.out_layer(torch.cat([tokens.flatten(2), img], dim=-1))
 
-    def _check_inputs(self, frames: Tensor, text: Tensor, frame_mask: Tensor | None) -> None:
+    def _check_inputs(self, frames: Tensor, text: Tensor) -> None:
         if frames.dim() != 3 or text.dim() != 4 or frames.shape[0] != text.shape[0]:
             raise InputError(
                 f"expected frames [B, F, d] and text [B, L, T, d]; got {list(frames.shape)} and {list(text.shape)}"
@@ -242,8 +231,6 @@ class FusionTrunk(nn.Module):
                 f"the flattened head needs {want[0]} text tokens (--seq_length) and {want[1]} frames (--max_imgs); "
                 f"got {got[0]} tokens and {got[1]} frames"
             )
-        if frame_mask is not None and not bool(frame_mask.any(-1).all()):
-            raise InputError("a clip in the batch has no real frame (frame_mask all False)")
 
 
 class FusionScorer(FusionTrunk):
@@ -256,12 +243,9 @@ class FusionScorer(FusionTrunk):
         super().__init__(**sizes)
         self.head = nn.Linear(self.visual_feat_dim, 1)
 
-    def forward(
-        self, frames: Tensor, text: Tensor, label_mask: Tensor | None = None, frame_mask: Tensor | None = None
-    ) -> Tensor:
-        """Scores `[B, L]`; labels are scored independently; padded labels (label_mask False) get 0."""
-        scores = self.head(self.label_features(frames, text, frame_mask)).squeeze(-1)
-        return scores if label_mask is None else scores.masked_fill(~label_mask, 0.0)
+    def forward(self, frames: Tensor, text: Tensor) -> Tensor:
+        """Scores `[B, L]`; labels are scored independently (a padded label's score means nothing)."""
+        return self.head(self.label_features(frames, text)).squeeze(-1)
 
 
 class RewardModel(FusionTrunk):
@@ -278,12 +262,10 @@ class RewardModel(FusionTrunk):
         self.xitt = XiT(d, self.xit_heads, self.feedforward_size, self.xit_dropout, self.compat_xit_attention)
         self.head = nn.Linear(d, 1)
 
-    def forward(
-        self, frames: Tensor, text: Tensor, slots: Tensor | None = None, frame_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, frames: Tensor, text: Tensor, slots: Tensor | None = None) -> Tensor:
         """One scalar per clip `[B]`. slots `[B, S]` are label positions in text's L axis: `[a, b, 1st, 2nd]` for
         the reward; None means every label in order (the critic's state `[0, 1]`)."""
-        return self.score_slots(self.label_features(frames, text, frame_mask), slots)
+        return self.score_slots(self.label_features(frames, text), slots)
 
     def score_slots(self, label_vectors: Tensor, slots: Tensor | None = None) -> Tensor:
         """label_vectors `[B, L, d]` from `label_features` → `[B]`; lets chosen and rejected share one trunk pass."""
@@ -334,31 +316,6 @@ def count_trainable_parameters(model: nn.Module) -> int:
 # ---- released checkpoint layouts (spec §7) -------------------------------------------------------------------
 
 
-def check_state_layout(state: Mapping[str, Any], model: nn.Module, source: str) -> None:
-    """Raise InputError when `state` does not fit `model`: the size flags that would fit, else the missing,
-    unexpected and mis-shaped keys (utilities.checkpoint.state_mismatch), and which kind of checkpoint it is.
-
-    Pointwise and reward `.bin` files already use our keys, so after this check `model.load_state_dict(state)`
-    is the whole import; `model.state_dict()` is the whole export.
-    """
-    problem = state_mismatch(state, model)
-    if problem is None:
-        return
-    parts = [f"{source}: not a {type(model).__name__} state dict for these sizes", problem]
-    unexpected, missing = set(state) - set(model.state_dict()), set(model.state_dict()) - set(state)
-    if any(k.startswith(("actor.", "critic.")) for k in unexpected):
-        parts.append("this is a PPO checkpoint (actor.* / critic.*): split it with split_ppo_state")
-    elif "pos_emb.weight" in unexpected:
-        parts.append("this is a reward-model checkpoint")
-    elif "pos_emb.weight" in missing:
-        parts.append("this is a pointwise (scorer) checkpoint")
-    if "out_layer.fc1.weight" in problem:
-        parts.append(
-            "out_layer's shape follows --seq_length, --max_imgs, --visual_feat_dim and --scorer_head"
-        )
-    raise InputError("; ".join(parts))
-
-
 def split_ppo_state(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """A released PPO `.bin` (`actor.*` + `critic.*`) → (actor state, critic state) in our scorer/reward keys."""
     parts: dict[str, dict[str, Tensor]] = {"actor": {}, "critic": {}}
@@ -391,55 +348,41 @@ def join_ppo_state(
 # ---- Plackett–Luce over label scores (a stochastic ranking policy) --------------------------------------------
 
 
-def _scaled(scores: Tensor, mask: Tensor | None, temperature: float) -> Tensor:
+def _scaled(scores: Tensor, temperature: float) -> Tensor:
     if temperature <= 0:
         raise InputError(f"the Plackett–Luce temperature must be > 0, got {temperature}")
-    logits = scores / temperature
-    return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+    return scores / temperature
 
 
-def plackett_luce_log_prob(
-    scores: Tensor, order: Tensor, mask: Tensor | None = None, temperature: float = 1.0
-) -> Tensor:
+def plackett_luce_log_prob(scores: Tensor, order: Tensor, temperature: float = 1.0) -> Tensor:
     """log P(order) = Σᵢ [sᵢ − logsumexp_{j ≥ i} sⱼ] with s = scores/temperature taken in `order`.
 
-    scores, mask `[..., L]`; order `[..., L]` a permutation of label positions. Padded labels (mask False)
-    contribute nothing wherever they sit in the order, so the result is the log-prob of the real labels' order.
+    scores `[..., L]`; order `[..., L]` a permutation of label positions.
     """
-    ordered = _scaled(scores, mask, temperature).gather(-1, order)
-    suffix_lse = ordered.flip(-1).logcumsumexp(-1).flip(-1)
-    terms = ordered - suffix_lse
-    real = torch.isfinite(ordered)
-    return torch.where(real, terms, torch.zeros_like(terms)).sum(-1)
+    ordered = _scaled(scores, temperature).gather(-1, order)
+    return (ordered - ordered.flip(-1).logcumsumexp(-1).flip(-1)).sum(-1)
 
 
 @torch.no_grad()
 def sample_plackett_luce(
-    scores: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    scores: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
 ) -> Tensor:
     """Orders `[..., L]` drawn from Plackett–Luce (Gumbel-top-k: argsort of s/τ + Gumbel noise).
-
-    Real labels come first; padded ones last in position order. `generator` must be on scores' device.
-    """
-    logits = _scaled(scores, mask, temperature)
+    `generator` must be on scores' device."""
+    logits = _scaled(scores, temperature)
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     tiny = torch.finfo(logits.dtype).tiny
     gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
     return torch.sort(logits + gumbel, dim=-1, descending=True, stable=True).indices
 
 
-def plackett_luce_entropy(
-    scores: Tensor, order: Tensor, mask: Tensor | None = None, temperature: float = 1.0
-) -> Tensor:
+def plackett_luce_entropy(scores: Tensor, order: Tensor, temperature: float = 1.0) -> Tensor:
     """Σᵢ H(softmax over the labels not yet placed before step i of `order`)  `[...]`.
 
     By the chain rule its expectation over orders sampled from the model is the exact Plackett–Luce entropy
     (and for two labels it is exact for any order); differentiable in the scores. O(L²) memory per list.
     """
-    logits = _scaled(scores, mask, temperature).gather(-1, order)
+    logits = _scaled(scores, temperature).gather(-1, order)
     n = logits.shape[-1]
     later = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu()  # row i: positions j ≥ i
     stage = logits.unsqueeze(-2).masked_fill(~later, float("-inf"))  # [..., step, L]
@@ -448,17 +391,3 @@ def plackett_luce_entropy(
         open_, stage.log_softmax(-1), torch.zeros_like(stage)
     )  # no 0·(−inf) NaNs, even in grads
     return -torch.where(open_, log_p.exp() * log_p, torch.zeros_like(log_p)).sum((-1, -2))
-
-
-def plackett_luce_exact_entropy(scores: Tensor, temperature: float = 1.0, max_labels: int = 7) -> Tensor:
-    """−Σ_orders P log P by enumerating all L! orders `[...]` (no padding); for short lists and tests."""
-    n = scores.shape[-1]
-    if n > max_labels:
-        raise InputError(f"exact Plackett–Luce entropy enumerates {n}! orders; at most {max_labels} labels")
-    orders = torch.tensor(list(itertools.permutations(range(n))), device=scores.device)
-    log_p = plackett_luce_log_prob(
-        scores.unsqueeze(-2).expand(*scores.shape[:-1], len(orders), n),
-        orders.expand(*scores.shape[:-1], len(orders), n),
-        temperature=temperature,
-    )
-    return -(log_p.exp() * log_p).sum(-1)
