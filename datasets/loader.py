@@ -28,7 +28,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 
 from datasets.captioning.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
 from utilities.errors import InputError
-from utilities.seeding import data_generator, seed_worker
+from utilities.seeding import Stream, data_generator, seed_worker, stream_seed
 
 SHARED_MEMORY = "/dev/shm"
 
@@ -47,7 +47,7 @@ class SeededShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        generator = data_generator(self.seed * 1_000_003 + self.epoch)
+        generator = data_generator(stream_seed(Stream.SHUFFLE, self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
@@ -157,9 +157,16 @@ class CaptionLoader:
         batches = BatchSampler(self.sampler, batch_size, drop_last=False)
         self.pin = torch.cuda.is_available()
         self.ring = None
+        # Every DataLoader iterator draws a base seed for its workers from `generator` (from torch's global RNG
+        # without one), workers or not: its own generator keeps dropout's stream the same whatever --num_workers.
+        generator = data_generator(stream_seed(Stream.LOADER, seed))
         if num_workers == 0:
             self.loader = DataLoader(
-                dataset, batch_sampler=batches, collate_fn=dataset.collate, pin_memory=self.pin
+                dataset,
+                batch_sampler=batches,
+                collate_fn=dataset.collate,
+                pin_memory=self.pin,
+                generator=generator,
             )
             return
         n_slots = ring_slots(num_workers, prefetch_factor)
@@ -172,7 +179,7 @@ class CaptionLoader:
             num_workers=num_workers,
             prefetch_factor=prefetch_factor,
             worker_init_fn=seed_worker,
-            generator=data_generator(seed),
+            generator=generator,
             persistent_workers=True,
         )
 

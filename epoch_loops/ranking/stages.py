@@ -64,7 +64,7 @@ from utilities.errors import InputError, TrainingError
 from utilities.files import write_json_atomic
 from utilities.log import progress
 from utilities.run_dir import RunDir, is_rank0
-from utilities.seeding import seed_worker
+from utilities.seeding import Stream, data_generator, seed_worker, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,6 @@ def graded_splits(cfg: Config, features: ClipFeatures) -> dict[str, ClipDataset]
     }
 
 
-def stream_seed(*keys: int) -> int:
-    """A 63-bit seed for a torch.Generator from a tuple of ints (seed, epoch, ...)."""
-    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
 def loader(
     cfg: Config, dataset: Dataset, *, epoch: int = 0, shuffle: bool = False, skip_batches: int = 0
 ) -> DataLoader:
@@ -138,7 +133,7 @@ def loader(
         dataset.set_epoch(epoch)
     if shuffle:
         order = torch.randperm(
-            len(dataset), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
+            len(dataset), generator=data_generator(stream_seed(Stream.SHUFFLE, cfg.seed, epoch))
         )
     else:
         order = torch.arange(len(dataset))
@@ -149,7 +144,7 @@ def loader(
         collate_fn=collate_labels,
         num_workers=cfg.num_workers,
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch, 1)),
+        generator=data_generator(stream_seed(Stream.LOADER, cfg.seed, epoch)),
         pin_memory=str(cfg.device).startswith("cuda"),
     )
 
