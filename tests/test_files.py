@@ -46,3 +46,10 @@ def test_json_round_trip_and_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match=r"bad\.json: not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_json_never_holds_nan_or_infinity(tmp_path):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"m.json: not written: Out of range float"):
+            write_json_atomic(tmp_path / "m.json", {"NDCG@all": value})
+        assert not any(tmp_path.iterdir())

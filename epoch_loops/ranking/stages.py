@@ -214,13 +214,23 @@ def print_dry_run(*builders: Callable[[], nn.Module]) -> None:
 
 @torch.no_grad()
 def score_clips(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> list[np.ndarray]:
-    """Every clip's label scores, in the clip's label order (stored frame order: deterministic)."""
+    """Every clip's label scores, in the clip's label order (stored frame order: deterministic). A NaN or
+    infinite score stops here, naming the clip: sorted, it would give a plausible but meaningless NDCG."""
     scorer.eval()
     scores = []
     for batch in loader(cfg, dataset):
         batch = batch.to(cfg.device)
         out = scorer(batch.frames, batch.text, batch.mask).float().cpu().numpy()
-        scores += [row[: int(n)] for row, n in zip(out, batch.mask.sum(1).tolist(), strict=True)]
+        for clip_id, row, n in zip(batch.clip_ids, out, batch.mask.sum(1).tolist(), strict=True):
+            scores.append(row[: int(n)])
+            bad = np.flatnonzero(~np.isfinite(scores[-1]))
+            if bad.size:
+                tag = dataset.clips.by_id()[clip_id].tags[bad[0]]
+                raise TrainingError(
+                    f"{dataset.clips.path}: clip {clip_id}: the model gives {bad.size} of its {int(n)} labels a "
+                    f"non-finite score (label {bad[0]} {tag!r}: {scores[-1][bad[0]]}); no NDCG is computed "
+                    "from such scores"
+                )
     return scores
 
 
