@@ -180,7 +180,7 @@ class ClipFeatures:
         self._datasets = {}
 
     def check(self, clip_list: ClipList) -> None:
-        """Every clip of the list has a group with consistent shapes and at least one text row per label. Uses
+        """Every clip of the list has a group with consistent shapes and exactly one text row per label. Uses
         its own short-lived handle, so the process that builds the datasets holds none when workers fork."""
         try:
             f = h5py.File(self.path, "r")
@@ -211,8 +211,10 @@ class ClipFeatures:
                     f"{where}: text_emb rows are [{text[1]}, {text[2]}], expected "
                     f"[seq_length {self.seq_length}, dim {self.dim}]"
                 )
-            if text[0] < len(clip.tags):
-                raise InputError(f"{where}: {len(clip.tags)} labels but only {text[0]} rows in text_emb")
+            if text[0] != len(clip.tags):  # one row per label: extra rows would be cut silently
+                raise InputError(
+                    f"{where}: {len(clip.tags)} labels in the clip list but {text[0]} rows in text_emb"
+                )
 
     def text(self, clip_id: str, labels: np.ndarray) -> np.ndarray:
         """Text features of the given label positions (repeats allowed), [len(labels), S, D] float32."""
