@@ -5,8 +5,11 @@ objectives' invariants (detached advantage weight, frozen reward model, ratio 1 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -290,6 +293,26 @@ def test_eval_of_a_checkpoint_with_nan_weights_writes_nothing_and_names_the_clip
     first = read_clip_list(demo.test).clips[0]
     assert err.count("\n") == 1 and f"clip {first.id}: the model gives" in err and "non-finite score" in err
     assert not metrics_out.exists() and not cases_out.exists()
+
+
+def test_an_error_in_a_loader_worker_is_the_same_one_line_as_without_workers(demo, tmp_path, capsys):
+    features = tmp_path / "feat.h5"
+    shutil.copy(demo.features_h5, features)
+    clip_id = read_clip_list(demo.first_stage).clips[5].id
+    with h5py.File(features, "a") as f:
+        f[f"{clip_id}/img_emb"][0, 1, 0] = np.inf
+    errors = {}
+    for workers in ("0", "2"):
+        argv = stage_argv(
+            demo, tmp_path, "pointwise", f"w{workers}", "--batch_size", "8", "--epochs_num", "1"
+        )
+        assert main([*argv, "--features_h5", str(features), "--num_workers", workers]) == 2
+        errors[workers] = capsys.readouterr().err
+    assert (
+        errors["2"]
+        == errors["0"]
+        == f"main.py: error: {features}: clip {clip_id} img_emb: holds NaN or inf\n"
+    )
 
 
 def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(

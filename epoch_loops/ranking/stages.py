@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.loader import Batches, BatchReader, as_collated
 from datasets.ranking.lrmovienet import (
     ClipDataset,
     ClipFeatures,
@@ -125,10 +126,10 @@ def graded_splits(cfg: Config, features: ClipFeatures) -> dict[str, ClipDataset]
 
 def loader(
     cfg: Config, dataset: Dataset, *, epoch: int = 0, shuffle: bool = False, skip_batches: int = 0
-) -> DataLoader:
+) -> Batches[LabelBatch]:
     """The batches of one epoch. The order depends on (seed, epoch) only and is cut after `skip_batches`
     batches, so a resumed run continues exactly where the checkpoint left off; worker seeds come from their own
-    generator, never from the global RNG that dropout draws from."""
+    generator, never from the global RNG that dropout draws from. A worker's InputError is raised as is."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     if shuffle:
@@ -137,15 +138,17 @@ def loader(
         )
     else:
         order = torch.arange(len(dataset))
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=order[skip_batches * cfg.batch_size :].tolist(),
-        collate_fn=collate_labels,
-        num_workers=cfg.num_workers,
-        worker_init_fn=seed_worker,
-        generator=data_generator(stream_seed(Stream.LOADER, cfg.seed, epoch)),
-        pin_memory=str(cfg.device).startswith("cuda"),
+    return Batches(
+        DataLoader(
+            BatchReader(dataset, collate_labels),
+            batch_size=cfg.batch_size,
+            sampler=order[skip_batches * cfg.batch_size :].tolist(),
+            collate_fn=as_collated,
+            num_workers=cfg.num_workers,
+            worker_init_fn=seed_worker,
+            generator=data_generator(stream_seed(Stream.LOADER, cfg.seed, epoch)),
+            pin_memory=str(cfg.device).startswith("cuda"),
+        )
     )
 
 
