@@ -297,6 +297,9 @@ def test_scst_gradient_sign_better_samples_gain_probability(tiny_data, tmp_path,
 def test_scst_learns_a_toy_reward(tiny_data, tmp_path):
     """Reward = the share of 'woman' among the words: a few worker SCST steps (greedy baseline) raise it."""
     cfg = config(tiny_data, tmp_path, "--rl_samples", "4", "--rl_cap_lr", "3e-3", "--dout_p", "0.0")
+    cfg.rl_warmstart_epochs = (
+        0  # no warm start here: the agent trains at --rl_cap_lr, not the warm-start rate
+    )
     trainer = make_trainer(cfg, None)
     trainer.rewards = toy_rewards(trainer, "woman")
     rewards = [rl.rl_epoch(trainer, e, "worker")["reward"] for e in range(6)]
