@@ -11,6 +11,10 @@ that can be in flight before the workers start. A worker pads its batch's featur
 sampler assigned and sends only the small parts; the main process copies the features out of the slot before
 it hands the batch on, so callers may keep batches as long as they like.
 
+Errors: a worker returns the InputError or ToolError it hits instead of raising it, and the main process raises
+it as is (`BatchReader`, `Batches`), so the user reads the same one line as without workers (torch would
+re-raise it as a 30-line "Caught InputError in DataLoader worker process 0" message).
+
 Why `prefetch_factor * num_workers + 1` slots suffice: the DataLoader keeps at most prefetch_factor ×
 num_workers batches in flight and requests batch n + prefetch_factor × num_workers only when batch n arrives.
 Batch k uses slot k mod S, so with S one more than that the slot of batch n is next written by batch n + S,
@@ -20,17 +24,20 @@ which is requested only when batch n + 1 arrives, after batch n was copied out.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from datasets.captioning.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
-from utilities.errors import InputError
-from utilities.seeding import data_generator, seed_worker
+from utilities.errors import InputError, ToolError
+from utilities.seeding import Stream, data_generator, seed_worker, stream_seed
 
 SHARED_MEMORY = "/dev/shm"
+CARRIED_ERRORS = (InputError, ToolError)  # what main.py reports on one line: carried out of workers as values
+T = TypeVar("T")
 
 
 class SeededShuffleSampler(Sampler[int]):
@@ -47,7 +54,7 @@ class SeededShuffleSampler(Sampler[int]):
         return self.n
 
     def __iter__(self) -> Iterator[int]:
-        generator = data_generator(self.seed * 1_000_003 + self.epoch)
+        generator = data_generator(stream_seed(Stream.SHUFFLE, self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
@@ -117,25 +124,62 @@ class SharedBatchRing:
         return features
 
 
-class _RingReader(Dataset):
-    """The dataset as workers see it: a whole batch per call, its features written into the ring."""
+class BatchReader(Dataset):
+    """A dataset as DataLoader workers see it: a whole batch per call (`read`), collated in the worker. An
+    InputError or ToolError is returned instead of raised; `Batches` raises it in the main process. Give
+    the DataLoader `collate_fn=as_collated`."""
 
-    def __init__(self, dataset: CaptionDataset, ring: SharedBatchRing):
-        self.dataset, self.ring = dataset, ring
+    def __init__(self, dataset: Dataset, collate: Callable[[list], Any]):
+        self.dataset, self.collate = dataset, collate
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitems__(self, request: SlotBatch) -> CollatedItems:
+    def read(self, indices: Sequence[int]) -> Any:
+        return self.collate([self.dataset[i] for i in indices])
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        try:
+            return self.read(indices)
+        except CARRIED_ERRORS as error:
+            return error
+
+
+def as_collated(batch: T) -> T:
+    """The DataLoader `collate_fn` of a `BatchReader`: its batches are collated already."""
+    return batch
+
+
+class Batches(Generic[T]):
+    """The batches of a DataLoader over a `BatchReader`, with its length; an error a worker returned is raised
+    here, in the main process."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[T]:
+        for batch in self.loader:
+            if isinstance(batch, CARRIED_ERRORS):
+                raise batch
+            yield batch
+
+
+class _RingReader(BatchReader):
+    """The caption dataset as workers see it: a batch's features are written into the ring, the rest collated."""
+
+    def __init__(self, dataset: CaptionDataset, ring: SharedBatchRing):
+        super().__init__(dataset, dataset.collate_items)
+        self.ring = ring
+
+    def read(self, request: SlotBatch) -> CollatedItems:
         items = [self.dataset[i] for i in request]
         self.ring.write(request.slot, {m: [it.features[m] for it in items] for m in self.dataset.stores})
-        collated = self.dataset.collate_items(items)
+        collated = self.collate(items)
         collated.slot = request.slot
         return collated
-
-
-def _collated(batch: CollatedItems) -> CollatedItems:
-    return batch
 
 
 class CaptionLoader:
@@ -157,9 +201,16 @@ class CaptionLoader:
         batches = BatchSampler(self.sampler, batch_size, drop_last=False)
         self.pin = torch.cuda.is_available()
         self.ring = None
+        # Every DataLoader iterator draws a base seed for its workers from `generator` (from torch's global RNG
+        # without one), workers or not: its own generator keeps dropout's stream the same whatever --num_workers.
+        generator = data_generator(stream_seed(Stream.LOADER, seed))
         if num_workers == 0:
             self.loader = DataLoader(
-                dataset, batch_sampler=batches, collate_fn=dataset.collate, pin_memory=self.pin
+                dataset,
+                batch_sampler=batches,
+                collate_fn=dataset.collate,
+                pin_memory=self.pin,
+                generator=generator,
             )
             return
         n_slots = ring_slots(num_workers, prefetch_factor)
@@ -168,11 +219,11 @@ class CaptionLoader:
         self.loader = DataLoader(
             _RingReader(dataset, self.ring),
             batch_sampler=SlottedBatchSampler(batches, n_slots),
-            collate_fn=_collated,
+            collate_fn=as_collated,
             num_workers=num_workers,
             prefetch_factor=prefetch_factor,
             worker_init_fn=seed_worker,
-            generator=data_generator(seed),
+            generator=generator,
             persistent_workers=True,
         )
 
@@ -183,7 +234,7 @@ class CaptionLoader:
         if self.ring is None:
             yield from self.loader
             return
-        for collated in self.loader:
+        for collated in Batches(self.loader):
             batch = assemble(self.ring.read(collated, self.pin), collated, self.dataset.vocab.pad_idx)
             yield batch.pin_memory() if self.pin else batch
 

@@ -4,9 +4,10 @@
 and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pretrained_model_dir DIR` instead of
 `--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning.train`; this path, and
 only this one, imports torch).
-`--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k; prints one
-line per metric; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead (epoch_loops/ranking/stages.py,
-the only path that imports torch).
+`--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k against the gold
+clip list `--test_path` when given (its reader imports torch), else with the file's own targets; prints where the
+targets came from and the metrics; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead
+(epoch_loops/ranking/stages.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from evaluation.densevid import DenseCaptioningEvaluator, format_table
 from evaluation.formats import load_submission
-from evaluation.ranking import read_predictions, score_predictions
+from evaluation.ranking import match_gold, read_predictions, score_predictions
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir
@@ -42,9 +43,19 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
             "--procedure eval --task ranking needs --ranking_predictions P.json, or --pretrained_model_path CKPT "
             "with --features_h5 and --test_path"
         )
-    metrics = score_predictions(read_predictions(cfg.ranking_predictions), cfg.ndcg_empty_ideal)
+    predictions = read_predictions(cfg.ranking_predictions)
+    if cfg.test_path:
+        from datasets.ranking.lrmovienet import read_clip_list
+
+        gold = {clip.id: clip.targets for clip in read_clip_list(cfg.test_path).clips}
+        predictions = match_gold(predictions, gold, cfg.ranking_predictions, cfg.test_path)
+        targets = f"the gold targets of {cfg.test_path}"
+    else:
+        targets = "the targets in the predictions file itself (--test_path GOLD.json checks them against a gold list)"
+    metrics = score_predictions(predictions, cfg.ndcg_empty_ideal)
     print(
-        f"{cfg.ranking_predictions}: {metrics['clips']} clips, empty ideal DCG counts as {cfg.ndcg_empty_ideal}"
+        f"{cfg.ranking_predictions}: {metrics['clips']} clips scored against {targets}; "
+        f"empty ideal DCG counts as {cfg.ndcg_empty_ideal}"
     )
     print("  ".join(f"{name}={value:.4f}" for name, value in metrics.items() if name != "clips"))
     run.write_metrics("metrics.json", metrics, cfg.metrics_out)

@@ -14,7 +14,7 @@ Pure NumPy on purpose: `--procedure eval --task ranking` scores a predictions fi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +165,49 @@ def _numbers(values: object, field: str, where: str) -> list[float]:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise InputError(f"{where}: {field}[{i}] is {v!r}, not a finite number")
     return [float(v) for v in values]
+
+
+def match_gold(
+    predictions: Sequence[ClipPrediction],
+    gold: Mapping[str, Sequence[float]],
+    predictions_path: str | Path,
+    gold_path: str | Path,
+) -> list[ClipPrediction]:
+    """The predictions of the gold clip list's clips, in its order (`gold`: clip id → its labels' relevance
+    levels). Every gold clip must be scored once with the gold's targets, and nothing else: a dropped clip would
+    change the mean (a hard clip left out raises NDCG), so an unknown, missing or disagreeing clip is an error."""
+    by_id: dict[str, ClipPrediction] = {}
+    for p in predictions:
+        clip_id = str(p.id)  # clip lists read ids as strings
+        if clip_id in by_id:
+            raise InputError(
+                f"{predictions_path}: ids {by_id[clip_id].id!r} and {p.id!r} both name clip {clip_id}"
+            )
+        if clip_id not in gold:
+            raise InputError(f"{predictions_path}: clip {clip_id} is not in the gold clip list {gold_path}")
+        targets = [float(t) for t in gold[clip_id]]
+        if len(p.scores) != len(targets):
+            raise InputError(
+                f"{predictions_path}: clip {clip_id} has {len(p.scores)} scores but {gold_path} lists "
+                f"{len(targets)} labels for it"
+            )
+        if p.targets != targets:
+            raise InputError(
+                f"{predictions_path}: clip {clip_id}: targets {_levels(p.targets)} disagree with "
+                f"{_levels(targets)} in {gold_path}"
+            )
+        by_id[clip_id] = p
+    missing = [clip_id for clip_id in gold if clip_id not in by_id]
+    if missing:
+        raise InputError(
+            f"{predictions_path}: no scores for clip {missing[0]} of the gold clip list {gold_path} "
+            f"({len(missing)} of its {len(gold)} clips missing)"
+        )
+    return [by_id[clip_id] for clip_id in gold]
+
+
+def _levels(targets: Sequence[float]) -> list[int | float]:
+    return [_plain(t) for t in targets]
 
 
 def score_predictions(

@@ -226,6 +226,25 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
     assert all(torch.isfinite(v).all() for v in agent.values())
 
 
+@requires_java  # train_rl_cap starts the run's METEOR process first
+def test_an_error_in_a_loader_worker_is_the_same_one_line_as_without_workers(tmp_path, capsys):
+    data = write_tiny_dataset(tmp_path / "data")
+    rgb = Path(data["video_features_path"]) / "v_train3_rgb.npy"
+    features = np.load(rgb)
+    features[4, 0] = np.nan  # read lazily: found by the worker that crops this video
+    np.save(rgb, features)
+    errors = {}
+    for workers in ("0", "2"):
+        argv = tiny_argv(
+            data, tmp_path / "log", f"w{workers}", "--rl_warmstart_epochs", "1", "--epoch_num", "1"
+        )
+        assert main([*argv, "--one_by_one_starts_at", "5", "--num_workers", workers]) == 2
+        errors[workers] = capsys.readouterr().err
+    assert (
+        errors["2"] == errors["0"] == f"main.py: error: {rgb}: non-finite values (NaN/inf), first in row 4\n"
+    )
+
+
 @pytest.mark.slow
 @requires_java
 def test_resume_after_kill_9_equals_the_uninterrupted_run(tiny_data, tmp_path):

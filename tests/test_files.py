@@ -78,3 +78,10 @@ def test_a_text_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte_o
     assert str(err.value) == (
         f"{path}: not UTF-8 text (byte 0x{content[offset]:02x} at offset {offset}); save it as UTF-8"
     )
+
+
+def test_json_never_holds_nan_or_infinity(tmp_path):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"m.json: not written: Out of range float"):
+            write_json_atomic(tmp_path / "m.json", {"NDCG@all": value})
+        assert not any(tmp_path.iterdir())

@@ -104,7 +104,16 @@ def test_feature_check_errors_name_file_and_clip(tmp_path):
     with h5py.File(h5, "a") as f:
         del f["b/text_emb"]
         f["b/text_emb"] = np.zeros((2, S, D), np.float32)  # 3 labels, 2 rows
-    with pytest.raises(InputError, match=r"feat.h5: clip b \(from .*clips.json\): 3 labels but only 2 rows"):
+    with pytest.raises(
+        InputError, match=r"feat.h5: clip b \(from .*clips.json\): 3 labels in the clip list but 2 rows"
+    ):
+        ClipFeatures(h5).check(clips)
+    with h5py.File(h5, "a") as f:
+        del f["b/text_emb"]
+        f["b/text_emb"] = np.zeros((4, S, D), np.float32)  # 3 labels, 4 rows: not cut silently
+    with pytest.raises(
+        InputError, match=r"clip b \(from .*clips.json\): 3 labels in the clip list but 4 rows in text_emb"
+    ):
         ClipFeatures(h5).check(clips)
     with h5py.File(h5, "a") as f:
         del f["b"]

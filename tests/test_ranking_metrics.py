@@ -20,6 +20,7 @@ from evaluation.ranking import (
     read_predictions,
     score_predictions,
 )
+from main import main
 from tests.conftest import REPO
 from utilities.errors import InputError
 
@@ -192,3 +193,59 @@ def test_eval_cli_errors_on_one_line(tmp_path):
     result = _run_main(tmp_path, "--task", "ranking")
     assert result.returncode == 2
     assert "needs --ranking_predictions" in result.stderr
+
+
+GOLD = [
+    {"id": "a", "tags": [{"tag": "x", "target": 0}, {"tag": "y", "target": 2}, {"tag": "z", "target": 1}]},
+    {"id": 7, "tags": [{"tag": "u", "target": 1}, {"tag": "v", "target": 0}]},
+]
+SCORED = [
+    {"id": "a", "scores": [0.9, 0.8, 0.1], "targets": [0, 2, 1]},  # NDCG@all 0.6590
+    {"id": 7, "scores": [1.0, 0.0], "targets": [1, 0]},  # 1
+]
+
+
+def _eval_ranking(tmp_path, predictions, *flags):
+    (tmp_path / "P.json").write_text(json.dumps(predictions))
+    (tmp_path / "GOLD.json").write_text(json.dumps(GOLD))
+    argv = ["--procedure", "eval", "--task", "ranking", "--log_dir", str(tmp_path / "log")]
+    argv += ["--ranking_predictions", str(tmp_path / "P.json"), "--metrics_out", str(tmp_path / "M.json")]
+    return main([*argv, *flags])
+
+
+@pytest.mark.parametrize(
+    ("predictions", "message"),
+    [
+        (SCORED[:1], "no scores for clip 7 of the gold clip list {gold} (1 of its 2 clips missing)"),
+        ([*SCORED, {"id": "b", "scores": [1], "targets": [0]}], "clip b is not in the gold clip list {gold}"),
+        (
+            [SCORED[0], {**SCORED[1], "targets": [0, 1]}],
+            "clip 7: targets [0, 1] disagree with [1, 0] in {gold}",
+        ),
+        (
+            [SCORED[0], {"id": 7, "scores": [1], "targets": [1]}],
+            "clip 7 has 1 scores but {gold} lists 2 labels",
+        ),
+        ([*SCORED, {**SCORED[1], "id": "7"}], "ids 7 and '7' both name clip 7"),
+    ],
+)
+def test_eval_against_a_gold_clip_list_refuses_missing_unknown_and_disagreeing_clips(
+    tmp_path, capsys, predictions, message
+):
+    assert _eval_ranking(tmp_path, predictions, "--test_path", str(tmp_path / "GOLD.json")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(gold=tmp_path / "GOLD.json") in err
+    assert not (tmp_path / "M.json").exists()
+
+
+def test_eval_says_where_the_targets_came_from(tmp_path, capsys):
+    assert _eval_ranking(tmp_path, SCORED, "--test_path", str(tmp_path / "GOLD.json")) == 0
+    out = capsys.readouterr().out
+    assert f"P.json: 2 clips scored against the gold targets of {tmp_path / 'GOLD.json'}" in out
+    with_gold = json.loads((tmp_path / "M.json").read_text())
+    assert with_gold["NDCG@all"] == pytest.approx((0.6590 + 1) / 2, abs=1e-4) and with_gold["clips"] == 2
+    assert _eval_ranking(tmp_path, SCORED) == 0
+    assert (
+        "P.json: 2 clips scored against the targets in the predictions file itself" in capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "M.json").read_text()) == with_gold

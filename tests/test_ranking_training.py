@@ -5,8 +5,11 @@ objectives' invariants (detached advantage weight, frozen reward model, ratio 1 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +24,7 @@ from main import build_parser, main
 from model.ranking.losses import clip_ppo_loss, lr2ppo_loss
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
-from utilities.errors import InputError
+from utilities.errors import InputError, TrainingError
 
 SIZES = ["--seq_length", "8", "--max_imgs", "4", "--visual_feat_dim", "32", "--text_feat_dim", "32"]
 SIZES += ["--feedforward_size", "32", "--xit_heads", "2"]
@@ -296,6 +299,62 @@ def test_a_reward_checkpoint_is_refused_as_a_scorer(demo, trained, tmp_path, cap
     assert main([*argv, "--test_path", str(demo.test)]) == 2
     err = capsys.readouterr().err
     assert "reward-model checkpoint" in err and err.count("\n") == 1
+
+
+class NanOnSecondClip(torch.nn.Module):
+    """A scorer whose scores are finite except for the second clip of each batch."""
+
+    def forward(self, frames, text):
+        scores = text.mean((2, 3))
+        scores[1, 0] = float("nan")
+        return scores
+
+
+def test_non_finite_scores_stop_dev_selection_naming_the_clip(demo):
+    cfg = config_from_argv(build_parser(), stage_argv(demo, Path("unused"), "pointwise", "x"))
+    dataset = ranking.graded_splits(cfg, open_features(cfg))["dev"]
+    second = dataset.clips.clips[1]
+    with pytest.raises(
+        TrainingError, match=rf"clip {second.id}: the model gives 1 of its {len(second.tags)} labels"
+    ):
+        ranking.ndcg(cfg, NanOnSecondClip(), dataset)
+
+
+def test_eval_of_a_checkpoint_with_nan_weights_writes_nothing_and_names_the_clip(
+    demo, trained, tmp_path, capsys
+):
+    state = load_checkpoint(trained["pointwise"])
+    state["model"]["out_layer.fc1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    metrics_out, cases_out = tmp_path / "m.json", tmp_path / "cases.json"
+    argv = ["--procedure", "eval", "--task", "ranking", "--log_dir", str(tmp_path / "log"), "--device", "cpu"]
+    argv += ["--pretrained_model_path", str(tmp_path / "nan.pt"), "--features_h5", str(demo.features_h5)]
+    argv += ["--test_path", str(demo.test), "--metrics_out", str(metrics_out), "--cases_out", str(cases_out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    first = read_clip_list(demo.test).clips[0]
+    assert err.count("\n") == 1 and f"clip {first.id}: the model gives" in err and "non-finite score" in err
+    assert not metrics_out.exists() and not cases_out.exists()
+
+
+def test_an_error_in_a_loader_worker_is_the_same_one_line_as_without_workers(demo, tmp_path, capsys):
+    features = tmp_path / "feat.h5"
+    shutil.copy(demo.features_h5, features)
+    clip_id = read_clip_list(demo.first_stage).clips[5].id
+    with h5py.File(features, "a") as f:
+        f[f"{clip_id}/img_emb"][0, 1, 0] = np.inf
+    errors = {}
+    for workers in ("0", "2"):
+        argv = stage_argv(
+            demo, tmp_path, "pointwise", f"w{workers}", "--batch_size", "8", "--epochs_num", "1"
+        )
+        assert main([*argv, "--features_h5", str(features), "--num_workers", workers]) == 2
+        errors[workers] = capsys.readouterr().err
+    assert (
+        errors["2"]
+        == errors["0"]
+        == f"main.py: error: {features}: clip {clip_id} img_emb: holds NaN or inf\n"
+    )
 
 
 def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(

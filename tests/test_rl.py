@@ -297,10 +297,44 @@ def test_scst_gradient_sign_better_samples_gain_probability(tiny_data, tmp_path,
 def test_scst_learns_a_toy_reward(tiny_data, tmp_path):
     """Reward = the share of 'woman' among the words: a few worker SCST steps (greedy baseline) raise it."""
     cfg = config(tiny_data, tmp_path, "--rl_samples", "4", "--rl_cap_lr", "3e-3", "--dout_p", "0.0")
+    cfg.rl_warmstart_epochs = (
+        0  # no warm start here: the agent trains at --rl_cap_lr, not the warm-start rate
+    )
     trainer = make_trainer(cfg, None)
     trainer.rewards = toy_rewards(trainer, "woman")
     rewards = [rl.rl_epoch(trainer, e, "worker")["reward"] for e in range(6)]
     assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+# ---- determinism ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["scst", "biased_kl"])
+def test_loader_workers_do_not_change_the_trained_weights(tiny_data, tmp_path, objective):
+    """The same seed trains bit-identical weights with --num_workers 0 and 2: a warm-start epoch, then an RL
+    epoch (dropout and sampling draw the same numbers; the loader draws its worker seeds from its own
+    generator, not from torch's global RNG)."""
+
+    def train(workers: str) -> list[dict[str, torch.Tensor]]:
+        cfg = config(
+            tiny_data, tmp_path, "--num_workers", workers, "--rl_objective", objective, "--rl_samples", "2"
+        )
+        trainer = make_trainer(cfg, None)
+        trainer.rewards = toy_rewards(trainer, "woman")
+        modules = (trainer.agents.agent, trainer.agents.worker_value, trainer.agents.manager_value)
+
+        def weights() -> dict[str, torch.Tensor]:
+            return {f"{n}.{k}": v.clone() for n, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+        captioning.warm_start_epoch(trainer, 0)
+        warm = weights()
+        rl.rl_epoch(trainer, 1, "worker")
+        return [warm, weights()]
+
+    without, with_workers = train("0"), train("2")
+    for phase, a, b in zip(("warm start", "RL epoch"), without, with_workers, strict=True):
+        differing = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differing, f"{phase}: {len(differing)} tensors differ, e.g. {differing[:3]}"
 
 
 # ---- failure modes ----------------------------------------------------------------------------------------------

@@ -8,7 +8,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from utilities.seeding import data_generator, rng_states, seed_everything, seed_worker, set_rng_states
+from datasets.vocabulary import Vocabulary
+from epoch_loops.captioning.agent_files import build_agents
+from model.captioning.bmhrl import AgentConfig
+from utilities.seeding import (
+    Stream,
+    data_generator,
+    rng_states,
+    seed_everything,
+    seed_worker,
+    set_rng_states,
+    stream_seed,
+)
 
 
 def draw(seed: int) -> tuple:
@@ -46,3 +57,34 @@ def test_rng_states_round_trip():
     seed_everything(2)
     set_rng_states(saved)
     assert (random.gauss(0, 1), float(np.random.randn()), torch.rand(2).tolist()) == expected
+
+
+def test_the_streams_of_batch_0_never_draw_the_same_numbers():
+    """Each purpose has its own stream: the epoch-0 shuffle, the loader seeds, item 0's draws, the PPO sampling
+    of batch 0 and the minibatch order of update 0 (the old keys (seed, epoch) and (seed, epoch, 0) of the
+    shuffle and the sampling of batch 0 gave one and the same generator)."""
+    for seed in (0, 1, 42):
+        seeds = {
+            Stream.SHUFFLE: stream_seed(Stream.SHUFFLE, seed, 0),
+            Stream.LOADER: stream_seed(Stream.LOADER, seed, 0),
+            Stream.ITEM: stream_seed(Stream.ITEM, seed, 0, 0),
+            Stream.ROLLOUT: stream_seed(Stream.ROLLOUT, seed, 0, 0),
+            Stream.MINIBATCH: stream_seed(Stream.MINIBATCH, seed, 0, 0),
+            Stream.AGENT: stream_seed(Stream.AGENT, seed),
+        }
+        assert set(seeds) == set(Stream)
+        draws = {tuple(torch.rand(4, generator=data_generator(s)).tolist()) for s in seeds.values()}
+        torch.manual_seed(seed)  # the global RNG (dropout) is another stream still
+        draws.add(tuple(torch.rand(4).tolist()))
+        assert len(draws) == len(seeds) + 1
+    assert stream_seed(Stream.ROLLOUT, 3, 1) != stream_seed(
+        Stream.ROLLOUT, 3, 1, 0
+    )  # SeedSequence pads zeros
+    assert 0 <= stream_seed(Stream.SHUFFLE, -1, 2**70) < 2**63
+
+
+def test_the_agent_samples_from_its_own_stream_not_the_global_one():
+    vocab = Vocabulary(["<unk>", "<blank>", "<s>", "</s>", "a"])
+    agent = build_agents(AgentConfig(), vocab, seed=5).agent
+    torch.manual_seed(5)
+    assert not torch.equal(torch.rand(4, generator=agent.rng), torch.rand(4))

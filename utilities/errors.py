@@ -12,8 +12,8 @@ class ToolError(RuntimeError):
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on: a loss became NaN or infinite. The message names the step and the last good
-    checkpoint, which is left intact."""
+    """Training cannot go on, or a model cannot be evaluated: a loss or a model's scores became NaN or infinite.
+    The message names the step or the item, and the last good checkpoint, which is left intact."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -68,7 +68,12 @@ def _remove(path: Path) -> None:
 
 
 def write_json_atomic(path: str | Path, content: Any) -> Path:
-    """Write `content` as indented JSON through `atomic_path`."""
+    """Write `content` as indented JSON through `atomic_path`. NaN and infinity are refused (ValueError naming
+    the file, nothing written): JSON has no such values, and a metric that is not a number is a bug upstream."""
+    try:
+        text = json.dumps(content, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: {e}") from None
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
+        tmp.write_text(text + "\n")
     return Path(path)

@@ -6,6 +6,7 @@ spend a second importing it.
 
 from __future__ import annotations
 
+import enum
 import random
 from typing import TYPE_CHECKING
 
@@ -24,13 +25,31 @@ def seed_everything(seed: int, with_torch: bool = True) -> None:
         torch.manual_seed(seed)
 
 
+class Stream(enum.IntEnum):
+    """What a random stream is for: the first key of its seed (`stream_seed`), so that two purposes never share
+    a stream, whatever their other keys are."""
+
+    SHUFFLE = 1  # the data order of a training epoch
+    LOADER = 2  # a DataLoader's base seed (its workers' seeds)
+    ITEM = 3  # a dataset item's own draws (frame order, sampled labels)
+    ROLLOUT = 4  # PPO's ranking samples of one rollout batch
+    MINIBATCH = 5  # PPO's minibatch order within one update
+    AGENT = 6  # the BMHRL agent's exploration and sampling generator
+
+
+def stream_seed(stream: Stream, *keys: int) -> int:
+    """A 63-bit seed for one random stream, from its purpose and its keys (seed, epoch, batch, ...). The number
+    of keys is part of the entropy: numpy's SeedSequence alone mixes [s, e] and [s, e, 0] to the same state."""
+    entropy = [int(stream), len(keys), *(k % 2**63 for k in keys)]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> 1)
+
+
 def data_generator(seed: int) -> torch.Generator:
-    """The generator a DataLoader shuffles with: data order depends on `--seed` only."""
+    """A CPU torch.Generator seeded with `seed` (a `stream_seed`): data order and loader seeds draw from their
+    own generators, never from the global RNG that dropout draws from."""
     import torch
 
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
+    return torch.Generator().manual_seed(seed)
 
 
 def seed_worker(worker_id: int) -> None:

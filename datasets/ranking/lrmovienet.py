@@ -15,7 +15,7 @@ uses the stored order (the original shuffled at evaluation too, which made its m
 Every sample carries its `frame_key` (−1 = stored order, else the seed of its permutation), so a PPO rollout
 buffer that keeps clip ids, label positions and frame keys re-reads exactly the features the actor saw.
 
-Randomness never comes from global state: item i of epoch e draws from `numpy.random.default_rng([seed, e, i])`,
+Randomness never comes from global state: item i of epoch e draws from its own generator (`stream_seed(Stream.ITEM, seed, e, i)`),
 so a sample is the same whatever the number of DataLoader workers or ranks. Call `set_epoch(e)` before each
 epoch's DataLoader iterator is created (and do not use persistent workers, which keep the old epoch).
 The HDF5 file is opened lazily in each process: h5py handles must not cross a fork into DataLoader workers.
@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from utilities.errors import InputError
 from utilities.files import read_json
+from utilities.seeding import Stream, stream_seed
 
 FRAME_ORDERS = ("random", "stored")
 STORED_ORDER = -1  # the frame_key of the stored frame order
@@ -179,7 +180,7 @@ class ClipFeatures:
         self._datasets = {}
 
     def check(self, clip_list: ClipList) -> None:
-        """Every clip of the list has a group with consistent shapes and at least one text row per label. Uses
+        """Every clip of the list has a group with consistent shapes and exactly one text row per label. Uses
         its own short-lived handle, so the process that builds the datasets holds none when workers fork."""
         try:
             f = h5py.File(self.path, "r")
@@ -210,8 +211,10 @@ class ClipFeatures:
                     f"{where}: text_emb rows are [{text[1]}, {text[2]}], expected "
                     f"[seq_length {self.seq_length}, dim {self.dim}]"
                 )
-            if text[0] < len(clip.tags):
-                raise InputError(f"{where}: {len(clip.tags)} labels but only {text[0]} rows in text_emb")
+            if text[0] != len(clip.tags):  # one row per label: extra rows would be cut silently
+                raise InputError(
+                    f"{where}: {len(clip.tags)} labels in the clip list but {text[0]} rows in text_emb"
+                )
 
     def text(self, clip_id: str, labels: np.ndarray) -> np.ndarray:
         """Text features of the given label positions (repeats allowed), [len(labels), S, D] float32."""
@@ -350,7 +353,7 @@ class _LRMovieNetDataset(Dataset):
         self.epoch = epoch
 
     def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+        return np.random.default_rng(stream_seed(Stream.ITEM, self.seed, self.epoch, index))
 
     def _frame_key(self, rng: np.random.Generator) -> int:
         return int(rng.integers(2**62)) if self.frame_order == "random" else STORED_ORDER

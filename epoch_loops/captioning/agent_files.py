@@ -42,6 +42,7 @@ from model.captioning.bmhrl import (
 from utilities.checkpoint import load_checkpoint
 from utilities.errors import InputError
 from utilities.files import atomic_path, read_json
+from utilities.seeding import Stream, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def build_agents(
         start_idx=vocab.start_idx,
         end_idx=vocab.end_idx,
     )
-    agent.rng.manual_seed(seed)
+    agent.rng.manual_seed(stream_seed(Stream.AGENT, seed))  # not the global RNG's stream (dropout)
     return Agents(agent, worker_value_function(agent_cfg), manager_value_function(agent_cfg), vocab)
 
 

@@ -36,7 +36,7 @@ from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
 from utilities.log import progress
 from utilities.run_dir import RunDir
-from utilities.seeding import data_generator
+from utilities.seeding import Stream, data_generator, stream_seed
 
 CRITIC_FILE = "critic.cp"  # the best epoch, original layout
 LAST_FILE = "train_critic_last.pt"  # the full training state after the last epoch, for --resume
@@ -211,7 +211,7 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     opt = Optimisation(
         cfg.procedure, torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr), cfg.grad_clip, run
     )
-    generator = data_generator(cfg.seed)
+    generator = data_generator(stream_seed(Stream.SHUFFLE, cfg.seed))
     rate = boundary_rate(train_data)
     if rate == 0:
         raise InputError(f"{cfg.train_meta_path}: no token is labelled as a segment end: nothing to learn")

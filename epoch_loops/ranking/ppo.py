@@ -48,7 +48,6 @@ from epoch_loops.ranking.stages import (
     report,
     require,
     save_best,
-    stream_seed,
     write_final_metrics,
 )
 from epoch_loops.training import (
@@ -74,6 +73,7 @@ from utilities.config import Config
 from utilities.errors import InputError
 from utilities.log import progress
 from utilities.run_dir import RunDir
+from utilities.seeding import Stream, data_generator, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,9 @@ def train_ppo(
         parts: list[Rollout] = []
         batches = loader(cfg, train, epoch=epoch, shuffle=True, skip_batches=batches_done)
         for batch in progress(batches, desc=f"ppo epoch {epoch + 1}/{cfg.epochs_num}"):
-            generator = torch.Generator(cfg.device).manual_seed(stream_seed(cfg.seed, epoch, batches_done))
+            generator = torch.Generator(cfg.device).manual_seed(
+                stream_seed(Stream.ROLLOUT, cfg.seed, epoch, batches_done)
+            )
             parts.append(collect(cfg, models, batch.to(cfg.device), generator))
             batches_done += 1
             if len(parts) < cfg.update_timesteps and batches_done < batches_per_epoch:
@@ -312,7 +314,7 @@ def update(
     logs.setdefault("value", []).append(float(rollout.value_old.mean()))
     minibatch = cfg.minibatch_size or cfg.batch_size
     for ppo_epoch in range(cfg.ppo_epochs):
-        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, updates, ppo_epoch, 2))
+        generator = data_generator(stream_seed(Stream.MINIBATCH, cfg.seed, updates, ppo_epoch))
         for index in torch.randperm(len(rollout), generator=generator).split(minibatch):
             part = rollout.select(index)
             loss, stats = minibatch_loss(cfg, models, dataset, part)

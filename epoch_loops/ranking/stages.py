@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.loader import Batches, BatchReader, as_collated
 from datasets.ranking.lrmovienet import (
     ClipDataset,
     ClipFeatures,
@@ -63,11 +64,11 @@ from model.ranking.scorer import (
 )
 from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
-from utilities.errors import InputError
+from utilities.errors import InputError, TrainingError
 from utilities.files import write_json_atomic
 from utilities.log import progress
 from utilities.run_dir import RunDir, is_rank0
-from utilities.seeding import seed_worker
+from utilities.seeding import Stream, data_generator, seed_worker, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -93,34 +94,31 @@ def graded_splits(cfg: Config, features: ClipFeatures) -> dict[str, ClipDataset]
     }
 
 
-def stream_seed(*keys: int) -> int:
-    """A 63-bit seed for a torch.Generator from a tuple of ints (seed, epoch, ...)."""
-    return int(np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint64)[0] >> 1)
-
-
 def loader(
     cfg: Config, dataset: Dataset, *, epoch: int = 0, shuffle: bool = False, skip_batches: int = 0
-) -> DataLoader:
+) -> Batches[LabelBatch]:
     """The batches of one epoch. The order depends on (seed, epoch) only and is cut after `skip_batches`
     batches, so a resumed run continues exactly where the checkpoint left off; worker seeds come from their own
-    generator, never from the global RNG that dropout draws from."""
+    generator, never from the global RNG that dropout draws from. A worker's InputError is raised as is."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     if shuffle:
         order = torch.randperm(
-            len(dataset), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
+            len(dataset), generator=data_generator(stream_seed(Stream.SHUFFLE, cfg.seed, epoch))
         )
     else:
         order = torch.arange(len(dataset))
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=order[skip_batches * cfg.batch_size :].tolist(),
-        collate_fn=collate_labels,
-        num_workers=cfg.num_workers,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(stream_seed(cfg.seed, epoch, 1)),
-        pin_memory=str(cfg.device).startswith("cuda"),
+    return Batches(
+        DataLoader(
+            BatchReader(dataset, collate_labels),
+            batch_size=cfg.batch_size,
+            sampler=order[skip_batches * cfg.batch_size :].tolist(),
+            collate_fn=as_collated,
+            num_workers=cfg.num_workers,
+            worker_init_fn=seed_worker,
+            generator=data_generator(stream_seed(Stream.LOADER, cfg.seed, epoch)),
+            pin_memory=str(cfg.device).startswith("cuda"),
+        )
     )
 
 
@@ -152,13 +150,23 @@ def print_dry_run(*builders: Callable[[], nn.Module]) -> None:
 
 @torch.no_grad()
 def score_clips(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> list[np.ndarray]:
-    """Every clip's label scores, in the clip's label order (stored frame order: deterministic)."""
+    """Every clip's label scores, in the clip's label order (stored frame order: deterministic). A NaN or
+    infinite score stops here, naming the clip: sorted, it would give a plausible but meaningless NDCG."""
     scorer.eval()
     scores = []
     for batch in loader(cfg, dataset):
         batch = batch.to(cfg.device)
         out = scorer(batch.frames, batch.text).float().cpu().numpy()
-        scores += [row[: int(n)] for row, n in zip(out, batch.mask.sum(1).tolist(), strict=True)]
+        for clip_id, row, n in zip(batch.clip_ids, out, batch.mask.sum(1).tolist(), strict=True):
+            scores.append(row[: int(n)])
+            bad = np.flatnonzero(~np.isfinite(scores[-1]))
+            if bad.size:
+                tag = dataset.clips.by_id()[clip_id].tags[bad[0]]
+                raise TrainingError(
+                    f"{dataset.clips.path}: clip {clip_id}: the model gives {bad.size} of its {int(n)} labels a "
+                    f"non-finite score (label {bad[0]} {tag!r}: {scores[-1][bad[0]]}); no NDCG is computed "
+                    "from such scores"
+                )
     return scores
 
 
