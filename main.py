@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a token ends a segment when sigmoid(critic logit) exceeds this",
     )
     model.add_argument(
+        "--goal_timing",
+        default="original",
+        choices=["original", "aligned"],
+        help="when the manager's new goal takes over after a segment-ending input: original = from the output "
+        "after the next (the first word of the new clause still comes from the old goal, as the original), "
+        "aligned = from the next output (README: the goal lag)",
+    )
+    model.add_argument(
         "--rl_pretrained_model_dir",
         default=None,
         help="a checkpoint folder with bm_hrl_agent.pt and the value functions (ours or the original's)",

@@ -25,11 +25,13 @@ from datasets.features import crop_indices, pack_directory
 from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning import train as captioning
 from epoch_loops.captioning.agent_files import (
+    AGENT_CONFIG_FILE,
     AGENT_FILE,
     MANAGER_VALUE_FILE,
     TRAINING_FILE,
     WORKER_VALUE_FILE,
     build_agents,
+    load_agents,
     save_agents,
 )
 from epoch_loops.captioning.train import caption_text
@@ -462,3 +464,18 @@ def test_optimiser_groups_cover_the_agent_and_a_frozen_group_stays_bit_identical
     step()
     assert all(torch.equal(v, agent.state_dict()[k]) for k, v in manager.items())
     assert not torch.equal(worker_before, agent.worker.projection.weight)
+
+
+def test_goal_timing_is_saved_with_the_agent_and_older_folders_load_as_original(tmp_path):
+    vocab = Vocabulary(["<unk>", "<blank>", "<s>", "</s>", "a", ","])
+    small = dict(
+        d_model_caps=8, d_model=8, rl_ff_v=8, rl_ff_a=8, rl_goal_d=4, rl_att_layers=1, d_vid=4, d_aud=4
+    )
+    cfg = AgentConfig(segmenter="heuristic", goal_timing="aligned", **small)
+    folder = save_agents(tmp_path / "ours", build_agents(cfg, vocab))
+    run_cfg = Config(**vars(build_parser().parse_args(["--procedure", "predict"])))
+    assert load_agents(run_cfg, folder).agent.cfg.goal_timing == "aligned"
+    saved = json.loads((folder / AGENT_CONFIG_FILE).read_text())
+    del saved["goal_timing"]
+    (folder / AGENT_CONFIG_FILE).write_text(json.dumps(saved))
+    assert load_agents(run_cfg, folder).agent.cfg.goal_timing == "original"
