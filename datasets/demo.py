@@ -20,12 +20,13 @@ import h5py
 import numpy as np
 
 from datasets.captioning.activitynet import CSV_COLUMNS
+from datasets.features import STRIDE_S
 from utilities.errors import InputError
 from utilities.files import atomic_path
 
 VERSION = 1
-VIDEO_STRIDE_S = 64 / 25
-AUDIO_STRIDE_S = 0.96
+VIDEO_STRIDE_S = STRIDE_S["video"]
+AUDIO_STRIDE_S = STRIDE_S["audio"]
 D_VID, D_AUD = 1024, 128
 NOISE = 0.5
 

@@ -23,6 +23,9 @@ from utilities.errors import InputError
 from utilities.files import atomic_path
 from utilities.log import progress
 
+# Seconds of video per feature row: I3D stacks of 64 frames at 25 fps, VGGish windows of 0.96 s.
+STRIDE_S = {"video": 64 / 25, "audio": 0.96}
+
 log = logging.getLogger(__name__)
 
 MODALITIES = ("video", "audio")

@@ -34,6 +34,7 @@ from epoch_loops.captioning.agent_files import (
     load_agents,
     save_agents,
 )
+from epoch_loops.captioning.predict import check_duration
 from epoch_loops.captioning.train import caption_text
 from main import build_parser, main
 from model.captioning.bmhrl import AgentConfig, SegmentCritic, load_original_state_dict
@@ -365,6 +366,11 @@ def test_predict_on_the_sample_features_equals_direct_greedy_decoding(shared_dat
     [
         (["--timestamps", "30", "40"], r"segment 1 \(30.0, 40.0\) is not inside the video"),
         (["--timestamps", "1", "2", "3"], "expected start/end pairs"),
+        (
+            ["--duration", "60"],
+            r"--duration 60.0 s does not fit the audio features of women_long_jump: 36 rows of 0.96 s imply "
+            r"34.56 s \(allowed: within 2 rows, 1.92 s\)",
+        ),
         (["--video_id", "absent"], r"absent(_rgb)?\.npy: feature file not found"),
         (["--rl_pretrained_model_dir", "RELEASED"], "released checkpoint .*--vocab_path"),
         (
@@ -403,6 +409,28 @@ def test_predict_bad_input_is_a_one_line_error(shared_data, tmp_path, capsys, ch
     assert err.startswith("main.py: error: ") and err.count("\n") == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("modality", "rows", "duration", "fits"),
+    [
+        ("video", 14, 35.155, True),  # the sample video: 14 I3D rows = 35.84 s
+        ("audio", 36, 35.155, True),  # and 36 VGGish rows = 34.56 s
+        ("video", 14, 30.73, True),  # 35.84 - 2 x 2.56 = 30.72
+        ("video", 14, 30.70, False),
+        ("audio", 36, 36.47, True),  # 34.56 + 2 x 0.96 = 36.48
+        ("audio", 36, 36.50, False),
+        ("video", 14, 35.155 * 60, False),  # minutes taken for seconds
+    ],
+)
+def test_predict_duration_must_fit_the_feature_rows_within_two_strides(modality, rows, duration, fits):
+    if fits:
+        check_duration(duration, modality, rows, "v")
+    else:
+        with pytest.raises(
+            InputError, match=f"--duration {duration} s does not fit the {modality} features of v"
+        ):
+            check_duration(duration, modality, rows, "v")
 
 
 @requires_java
