@@ -76,6 +76,11 @@ def open_feature_store(path: str | Path, modality: str, dim: int) -> FeatureStor
         if not path.is_file():
             raise InputError(f"{path}: packed {modality} feature file not found")
         return H5Store(path, modality, dim)
+    if path.is_file():
+        raise InputError(
+            f"{path}: a file, but {modality} features are a directory of .npy files or a packed file named "
+            f"{' or '.join(H5_SUFFIXES)}"
+        )
     if not path.is_dir():
         raise InputError(f"{path}: {modality} feature directory not found (or give a packed .h5 file)")
     return NpyVideoStore(path, dim) if modality == "video" else NpyAudioStore(path, dim)
