@@ -21,6 +21,8 @@ def files(tmp_path):
     (tmp_path / "annotations.json").write_text(
         f'{{"v_1": {{"timestamps": [[0, 1]], "sentences": [{sentences}]}}}}\n'
     )
+    (tmp_path / "table.zip").write_text("a,b\n1,2\n")
+    (tmp_path / "one_column.txt").write_text("a\nb\n")
     (tmp_path / "folder").mkdir()
     return tmp_path
 
@@ -50,6 +52,11 @@ def files(tmp_path):
             "table.csv: a file, but video features are a directory of .npy",
         ),
         (["--procedure", "demo", "--demo_dir", "table.csv"], "table.csv: a file, not a folder; --demo_dir"),
+        (
+            ["--word_emb_caps", "table.zip"],
+            "table.zip: not a zip archive (expected GloVe's .zip, or its .txt)",
+        ),
+        (["--word_emb_caps", "one_column.txt"], "one_column.txt: line 1: not GloVe text"),
     ],
 )
 def test_a_file_of_the_wrong_kind_is_one_line(files, monkeypatch, capsys, flags, message):
