@@ -378,7 +378,9 @@ class HeuristicSegmenter(nn.Module):
         return starts
 
     @staticmethod
-    def _starts(punctuation, joining, after_punctuation, timing: str) -> torch.Tensor:
+    def _starts(
+        punctuation: torch.Tensor, joining: torch.Tensor, after_punctuation: torch.Tensor, timing: str
+    ) -> torch.Tensor:
         if timing == "aligned":
             return punctuation | (joining & ~after_punctuation)
         return after_punctuation | joining
