@@ -10,7 +10,21 @@ import argparse
 import sys
 
 from epoch_loops.procedures import PROCEDURES, run_procedure
-from utilities.config import BoolFlag, OneLineErrorParser, config_from_argv
+from utilities.config import (
+    BoolFlag,
+    Config,
+    OneLineErrorParser,
+    below_one,
+    config_from_argv,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    open_unit,
+    positive_float,
+    positive_int,
+    probability,
+    tiou,
+)
 from utilities.errors import InputError, ToolError, TrainingError
 
 
@@ -54,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="./data/vggish_npy/",
         help="directory of <vid>.npy, or one packed .h5",
     )
-    data.add_argument("--d_vid", type=int, default=1024, help="raw video feature dimension")
-    data.add_argument("--d_aud", type=int, default=128, help="raw audio feature dimension")
+    data.add_argument("--d_vid", type=positive_int, default=1024, help="raw video feature dimension")
+    data.add_argument("--d_aud", type=positive_int, default=128, help="raw audio feature dimension")
     data.add_argument(
         "--skip_missing_features",
         action=BoolFlag,
@@ -72,13 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab_path", default=None, help="an itos list (one token per line or JSON list) to load"
     )
     data.add_argument(
-        "--min_freq_caps", type=int, default=1, help="minimum train frequency of a vocabulary word"
+        "--min_freq_caps",
+        type=non_negative_int,
+        default=1,
+        help="minimum train frequency of a vocabulary word",
     )
     data.add_argument("--unk_token", default="<unk>", help="unknown-word token (the original's: ' UNK ')")
     data.add_argument("--start_token", default="<s>", help="start-of-caption token")
     data.add_argument("--end_token", default="</s>", help="end-of-caption token")
     data.add_argument("--pad_token", default="<blank>", help="padding token")
-    data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    data.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     data.add_argument(
         "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
     )
@@ -95,21 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the captioning agent: bimodal hierarchical, audio-only, video-only, bimodal without hierarchy; "
         "'eval' validates --rl_pretrained_model_dir (a BMHRL agent) without training",
     )
-    model.add_argument("--d_model_caps", type=int, default=300, help="caption width (= word embedding size)")
-    model.add_argument("--d_model", type=int, default=1024, help="inner width of every multi-head attention")
-    model.add_argument("--rl_att_heads", type=int, default=4, help="attention heads (encoder, fusion stacks)")
-    model.add_argument("--rl_att_layers", type=int, default=2, help="layers of the encoder and fusion stacks")
-    model.add_argument("--rl_ff_v", type=int, default=1024, help="feed-forward width of the video stream")
-    model.add_argument("--rl_ff_a", type=int, default=512, help="feed-forward width of the audio stream")
-    model.add_argument("--rl_goal_d", type=int, default=64, help="goal width (manager output, worker query)")
+    model.add_argument(
+        "--d_model_caps", type=positive_int, default=300, help="caption width (= word embedding size)"
+    )
+    model.add_argument(
+        "--d_model", type=positive_int, default=1024, help="inner width of every multi-head attention"
+    )
+    model.add_argument(
+        "--rl_att_heads", type=positive_int, default=4, help="attention heads (encoder, fusion stacks)"
+    )
+    model.add_argument(
+        "--rl_att_layers", type=positive_int, default=2, help="layers of the encoder and fusion stacks"
+    )
+    model.add_argument(
+        "--rl_ff_v", type=positive_int, default=1024, help="feed-forward width of the video stream"
+    )
+    model.add_argument(
+        "--rl_ff_a", type=positive_int, default=512, help="feed-forward width of the audio stream"
+    )
+    model.add_argument(
+        "--rl_goal_d", type=positive_int, default=64, help="goal width (manager output, worker query)"
+    )
     model.add_argument(
         "--rl_goal_att_heads",
-        type=int,
+        type=positive_int,
         default=2,
         help="heads of the worker's goal attention (fixed in the original)",
     )
     model.add_argument(
-        "--dout_p", type=float, default=0.1, help="dropout probability everywhere in the agent"
+        "--dout_p", type=below_one, default=0.1, help="dropout probability everywhere in the agent"
     )
     model.add_argument(
         "--segmenter",
@@ -125,9 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--rl_critic_score_threshhold",
-        type=float,
+        type=probability,
         default=0.25,
         help="a token ends a segment when sigmoid(critic logit) exceeds this",
+    )
+    model.add_argument(
+        "--goal_timing",
+        default="original",
+        choices=["original", "aligned"],
+        help="when the manager's new goal takes over after a segment-ending input: original = from the output "
+        "after the next (the first word of the new clause still comes from the old goal, as the original), "
+        "aligned = from the next output (README: the goal lag)",
     )
     model.add_argument(
         "--rl_pretrained_model_dir",
@@ -136,40 +175,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     training = parser.add_argument_group("training")
-    training.add_argument("--B", type=int, default=16, help="train batch size")
-    training.add_argument("--inf_B_coeff", type=int, default=2, help="validation batch = inf_B_coeff × B")
-    training.add_argument("--epoch_num", type=int, default=100, help="epochs to train")
+    training.add_argument("--B", type=positive_int, default=16, help="train batch size")
+    training.add_argument(
+        "--inf_B_coeff", type=positive_int, default=2, help="validation batch = inf_B_coeff × B"
+    )
+    training.add_argument("--epoch_num", type=positive_int, default=100, help="epochs to train")
     training.add_argument(
         "--rl_warmstart_epochs",
-        type=int,
+        type=non_negative_int,
         default=1,
         help="supervised warm-start epochs before RL (exactly this many)",
     )
     training.add_argument(
-        "--rl_cap_warmstart_lr", type=float, default=1e-4, help="agent Adam lr in the warm start"
+        "--rl_cap_warmstart_lr", type=positive_float, default=1e-4, help="agent Adam lr in the warm start"
     )
-    training.add_argument("--rl_cap_lr", type=float, default=1e-4, help="agent Adam lr in the RL epochs")
-    training.add_argument("--weight_decay", type=float, default=0.0, help="Adam weight decay of the agent")
+    training.add_argument(
+        "--rl_cap_lr", type=positive_float, default=1e-4, help="agent Adam lr in the RL epochs"
+    )
+    training.add_argument(
+        "--weight_decay", type=non_negative_float, default=0.0, help="Adam weight decay of the agent"
+    )
     training.add_argument(
         "--smoothing",
-        type=float,
+        type=below_one,
         default=0.7,
         help="label smoothing of the warm-start loss (and biased_kl's ε)",
     )
     training.add_argument(
-        "--grad_clip", type=float, default=None, help="clip the gradient norm to this before each step"
+        "--grad_clip",
+        type=positive_float,
+        default=None,
+        help="clip the gradient norm to this before each step",
     )
-    training.add_argument("--one_by_one_starts_at", type=int, default=1, help="first epoch that is validated")
+    training.add_argument(
+        "--one_by_one_starts_at", type=non_negative_int, default=1, help="first epoch that is validated"
+    )
     training.add_argument(
         "--early_stop_after",
-        type=int,
+        type=positive_int,
         default=30,
         help="stop after this many validations without improvement",
     )
-    training.add_argument("--max_len", type=int, default=30, help="most tokens a decoded caption may have")
-    training.add_argument("--beam_size", type=int, default=1, help="1: greedy decoding; more: beam search")
     training.add_argument(
-        "--length_penalty", type=float, default=1.0, help="beam search ranks by sum(log p) / length**this"
+        "--max_len", type=positive_int, default=30, help="most tokens a decoded caption may have"
+    )
+    training.add_argument(
+        "--beam_size", type=positive_int, default=1, help="1: greedy decoding; more: beam search"
+    )
+    training.add_argument(
+        "--length_penalty",
+        type=non_negative_float,
+        default=1.0,
+        help="beam search ranks by sum(log p) / length**this",
     )
     training.add_argument(
         "--select_on",
@@ -185,13 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent learning-rate schedule; reduce_on_plateau multiplies the lr by --lr_reduce_factor after "
         "--lr_patience validations without improvement of the --select_on METEOR",
     )
-    training.add_argument("--lr_patience", type=int, default=2, help="reduce_on_plateau: patience")
-    training.add_argument("--lr_reduce_factor", type=float, default=0.5, help="reduce_on_plateau: factor")
+    training.add_argument(
+        "--lr_patience", type=non_negative_int, default=2, help="reduce_on_plateau: patience"
+    )
+    training.add_argument("--lr_reduce_factor", type=open_unit, default=0.5, help="reduce_on_plateau: factor")
 
     rl = parser.add_argument_group("RL")
     rl.add_argument(
         "--rl_value_function_lr",
-        type=float,
+        type=positive_float,
         default=1e-4,
         help="Adam lr of the worker and manager value functions",
     )
@@ -209,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sentence reward: METEOR 1.5 (the evaluation metric) or CIDEr-D with training-set document "
         "frequencies (for scst: METEOR pays for repeated words in sampled captions, README)",
     )
-    rl.add_argument("--rl_samples", type=int, default=5, help="scst: captions sampled per segment (K)")
+    rl.add_argument(
+        "--rl_samples", type=positive_int, default=5, help="scst: captions sampled per segment (K)"
+    )
     rl.add_argument(
         "--scst_baseline",
         default="greedy",
@@ -226,14 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rl.add_argument(
         "--rl_gamma_worker",
-        type=float,
+        type=probability,
         default=0.7,
         help="biased_kl: discount of the later ΔMETEOR rewards in a worker token's return (the original's "
         "intent; its code never applied it: 0 gives its plain per-token ΔMETEOR)",
     )
     rl.add_argument(
         "--rl_gamma_manager",
-        type=float,
+        type=probability,
         default=0.8,
         help="discount of the sub-goal rewards that make a manager goal's return",
     )
@@ -254,11 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = parser.add_argument_group("predict")
     predict.add_argument("--video_id", default=None, help="predict: the video whose features are read")
     predict.add_argument(
-        "--duration", type=float, default=None, help="predict: the video's duration (seconds)"
+        "--duration", type=positive_float, default=None, help="predict: the video's duration (seconds)"
     )
     predict.add_argument(
         "--timestamps",
-        type=float,
+        type=non_negative_float,
         nargs="+",
         default=None,
         metavar="S E",
@@ -274,10 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train_critic: also write the best critic.cp (original layout) here",
     )
-    critic.add_argument("--critic_lr", type=float, default=1e-3, help="train_critic: Adam learning rate")
+    critic.add_argument(
+        "--critic_lr", type=positive_float, default=1e-3, help="train_critic: Adam learning rate"
+    )
     critic.add_argument(
         "--critic_pos_weight",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="train_critic: BCE weight of boundary tokens; 1 keeps the probabilities calibrated for the agent's "
         "threshold (--rl_critic_score_threshhold 0.25 already leans to recall)",
@@ -310,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--tIoUs",
-        type=float,
+        type=tiou,
         nargs="+",
         default=[0.3, 0.5, 0.7, 0.9],
         help="tIoU thresholds a prediction must reach to be matched",
     )
-    evaluation.add_argument("--max_prop_per_vid", type=int, default=100, help="predictions kept per video")
+    evaluation.add_argument(
+        "--max_prop_per_vid", type=positive_int, default=100, help="predictions kept per video"
+    )
     evaluation.add_argument("--soda", action=BoolFlag, default=False, help="also compute SODA_c")
     evaluation.add_argument("--metrics_out", default=None, help="also write the metrics JSON here")
 
@@ -347,27 +412,40 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
     ranking.add_argument(
         "--reward_model_path", default=None, help="ppo: the reward model and critic (stage-2 checkpoint)"
     )
-    ranking.add_argument("--learning_rate", type=float, default=2e-5, help="AdamW peak lr (actor in ppo)")
+    ranking.add_argument(
+        "--learning_rate", type=positive_float, default=2e-5, help="AdamW peak lr (actor in ppo)"
+    )
     ranking.add_argument(
         "--critic_learning_rate",
-        type=float,
+        type=positive_float,
         default=1e-5,
         help="ppo: critic AdamW peak lr (the original's nominal 1e-3 was effectively <= 1.2e-5, spec 5.1)",
     )
     ranking.add_argument(
-        "--ranking_weight_decay", type=float, default=0.01, help="AdamW weight decay (0 for biases and norms)"
-    )
-    ranking.add_argument("--batch_size", type=int, default=32, help="clips (pointwise), pairs (reward, ppo)")
-    ranking.add_argument("--epochs_num", type=int, default=3, help="passes over the training list")
-    ranking.add_argument(
-        "--report_steps", type=int, default=100, help="pointwise/reward: validate every this many steps"
+        "--ranking_weight_decay",
+        type=non_negative_float,
+        default=0.01,
+        help="AdamW weight decay (0 for biases and norms)",
     )
     ranking.add_argument(
-        "--warmup", type=float, default=0.1, help="fraction of the optimiser steps with linear lr warm-up"
+        "--batch_size", type=positive_int, default=32, help="clips (pointwise), pairs (reward, ppo)"
+    )
+    ranking.add_argument("--epochs_num", type=positive_int, default=3, help="passes over the training list")
+    ranking.add_argument(
+        "--report_steps",
+        type=positive_int,
+        default=100,
+        help="pointwise/reward: validate every this many steps",
+    )
+    ranking.add_argument(
+        "--warmup",
+        type=probability,
+        default=0.1,
+        help="fraction of the optimiser steps with linear lr warm-up",
     )
     ranking.add_argument(
         "--max_tags",
-        type=int,
+        type=positive_int,
         default=32,
         help="pointwise: labels per training clip (cut or cycled); ppo: random label pairs per clip per epoch",
     )
@@ -377,10 +455,12 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         choices=["random", "stored"],
         help="training frame order (evaluation always uses the stored order): random = the original's shuffle",
     )
-    ranking.add_argument("--margin", type=float, default=1.0, help="reward: margin of the ranking hinge loss")
+    ranking.add_argument(
+        "--margin", type=non_negative_float, default=1.0, help="reward: margin of the ranking hinge loss"
+    )
     ranking.add_argument(
         "--reward_val_triplets",
-        type=int,
+        type=positive_int,
         default=100,
         help="reward: comparisons drawn per dev/test clip (one label of each level, spec 3.3)",
     )
@@ -392,38 +472,49 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         "over a Plackett-Luce ranking policy",
     )
     ranking.add_argument(
-        "--update_timesteps", type=int, default=200, help="ppo: rollout batches collected per update"
+        "--update_timesteps", type=positive_int, default=200, help="ppo: rollout batches collected per update"
     )
-    ranking.add_argument("--ppo_epochs", type=int, default=1, help="ppo: passes over each rollout")
+    ranking.add_argument("--ppo_epochs", type=positive_int, default=1, help="ppo: passes over each rollout")
     ranking.add_argument(
         "--minibatch_size",
-        type=int,
+        type=positive_int,
         default=None,
         help="ppo: pairs per update minibatch (None: --batch_size)",
     )
-    ranking.add_argument("--eps_clip", type=float, default=0.2, help="ppo clip: ratio clip range")
+    ranking.add_argument("--eps_clip", type=positive_float, default=0.2, help="ppo clip: ratio clip range")
     ranking.add_argument(
         "--kl_div_loss_weight",
-        type=float,
+        type=non_negative_float,
         default=0.001,
         help="ppo: KL weight (lr2ppo: to the rollout policy, also taken off the reward; clip: to the initial "
         "policy)",
     )
-    ranking.add_argument("--entropy_weight", type=float, default=0.001, help="ppo: entropy bonus weight")
     ranking.add_argument(
-        "--value_clip", type=float, default=0.5, help="ppo: the critic's value moves at most this per rollout"
+        "--entropy_weight", type=non_negative_float, default=0.001, help="ppo: entropy bonus weight"
     )
     ranking.add_argument(
-        "--pl_temperature", type=float, default=1.0, help="ppo clip: Plackett-Luce temperature on the scores"
+        "--value_clip",
+        type=positive_float,
+        default=0.5,
+        help="ppo: the critic's value moves at most this per rollout",
+    )
+    ranking.add_argument(
+        "--pl_temperature",
+        type=positive_float,
+        default=1.0,
+        help="ppo clip: Plackett-Luce temperature on the scores",
     )
     ranking.add_argument(
         "--advantage_threshold",
-        type=float,
+        type=finite_float,
         default=-0.1,
         help="ppo lr2ppo: keep the actor's order when the advantage is at least this, else swap it",
     )
     ranking.add_argument(
-        "--rank_margin", type=float, default=0.01, help="ppo lr2ppo: margin of the pairwise score hinge"
+        "--rank_margin",
+        type=non_negative_float,
+        default=0.01,
+        help="ppo lr2ppo: margin of the pairwise score hinge",
     )
     ranking.add_argument(
         "--cases_out", default=None, help="eval: write per-clip scores, NDCG and predicted order here"
@@ -436,13 +527,19 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         help="export_ranking: released = the original's plain .bin state dict; ours = our checkpoint (with the "
         "model sizes), e.g. from a released .bin",
     )
-    ranking.add_argument("--seq_length", type=int, default=196, help="text tokens per label")
-    ranking.add_argument("--max_imgs", type=int, default=16, help="frame slots per clip")
-    ranking.add_argument("--visual_feat_dim", type=int, default=768, help="frame feature / model width")
-    ranking.add_argument("--text_feat_dim", type=int, default=768, help="text token feature width")
-    ranking.add_argument("--feedforward_size", type=int, default=3072, help="hidden width of every MLP")
-    ranking.add_argument("--xit_heads", type=int, default=8, help="attention heads of the XiT blocks")
-    ranking.add_argument("--xit_dropout", type=float, default=0.1, help="dropout in the XiT blocks")
+    ranking.add_argument("--seq_length", type=positive_int, default=196, help="text tokens per label")
+    ranking.add_argument("--max_imgs", type=positive_int, default=16, help="frame slots per clip")
+    ranking.add_argument(
+        "--visual_feat_dim", type=positive_int, default=768, help="frame feature / model width"
+    )
+    ranking.add_argument("--text_feat_dim", type=positive_int, default=768, help="text token feature width")
+    ranking.add_argument(
+        "--feedforward_size", type=positive_int, default=3072, help="hidden width of every MLP"
+    )
+    ranking.add_argument(
+        "--xit_heads", type=positive_int, default=8, help="attention heads of the XiT blocks"
+    )
+    ranking.add_argument("--xit_dropout", type=below_one, default=0.1, help="dropout in the XiT blocks")
     ranking.add_argument(
         "--compat_xit_attention",
         action=BoolFlag,
@@ -458,8 +555,29 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
     )
 
 
+# Widths that multi-head attention splits into equal heads: (width flag, heads flag).
+HEADS_SPLIT = (
+    ("d_model", "rl_att_heads"),
+    ("d_model", "rl_goal_att_heads"),
+    ("visual_feat_dim", "xit_heads"),
+)
+
+
+def check_combinations(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """Flags whose values are valid alone but not together, refused before any work as argparse refuses a
+    single bad value (the models would otherwise stop with a traceback once built)."""
+    for width, heads in HEADS_SPLIT:
+        if getattr(cfg, width) % getattr(cfg, heads):
+            parser.error(
+                f"--{width} {getattr(cfg, width)} is not divisible by --{heads} {getattr(cfg, heads)} "
+                "(each attention head takes an equal share of the width)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_argv(build_parser(), sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    cfg = config_from_argv(parser, sys.argv[1:] if argv is None else argv)
+    check_combinations(parser, cfg)
     try:
         return run_procedure(cfg)
     except (InputError, ToolError, TrainingError) as e:

@@ -20,12 +20,13 @@ import h5py
 import numpy as np
 
 from datasets.captioning.activitynet import CSV_COLUMNS
+from datasets.features import STRIDE_S
 from utilities.errors import InputError
 from utilities.files import atomic_path
 
 VERSION = 1
-VIDEO_STRIDE_S = 64 / 25
-AUDIO_STRIDE_S = 0.96
+VIDEO_STRIDE_S = STRIDE_S["video"]
+AUDIO_STRIDE_S = STRIDE_S["audio"]
 D_VID, D_AUD = 1024, 128
 NOISE = 0.5
 
@@ -105,6 +106,8 @@ def ensure_demo_dataset(root: str | Path, seed: int = 0, n_train: int = 160, n_v
 def _build_once(root: Path, params: dict, generate: Callable[[Path], None]) -> None:
     """Run `generate(folder)` in a temporary folder and rename it to `root`, unless `root` already holds a
     complete demo generated with the same `params` (recorded in its demo_info.json)."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: a file, not a folder; --demo_dir names the folder the demo data go to")
     if _read_marker(root) == params:
         return
     if root.exists() and any(root.iterdir()) and _read_marker(root) is None:

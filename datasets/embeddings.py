@@ -32,6 +32,8 @@ def cache_paths(glove_path: Path) -> tuple[Path, Path]:
 def _text_lines(path: Path) -> Iterator[str]:
     """The lines of a GloVe `.txt`, or of the single `.txt` member of a `.zip`."""
     if path.suffix.lower() == ".zip":
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"{path}: not a zip archive (expected GloVe's .zip, or its .txt)")
         with zipfile.ZipFile(path) as archive:
             members = [n for n in archive.namelist() if n.endswith(".txt")]
             if len(members) != 1:
@@ -54,7 +56,9 @@ def convert_glove(path: Path, words_path: Path, vectors_path: Path) -> None:
             for line_number, line in enumerate(lines, 1):
                 fields = line.rstrip("\n").rstrip(" ").split(" ")
                 dim = dim or len(fields) - 1
-                if dim < 1 or len(fields) < dim + 1:
+                if dim < 1:
+                    raise InputError(f"{path}: line 1: not GloVe text (a word, then its vector's numbers)")
+                if len(fields) < dim + 1:
                     raise InputError(f"{path}: line {line_number}: expected a word and {dim} numbers")
                 try:
                     vectors.write(np.array(fields[-dim:], dtype=np.float32).tobytes())

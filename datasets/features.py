@@ -23,6 +23,9 @@ from utilities.errors import InputError
 from utilities.files import atomic_path
 from utilities.log import progress
 
+# Seconds of video per feature row: I3D stacks of 64 frames at 25 fps, VGGish windows of 0.96 s.
+STRIDE_S = {"video": 64 / 25, "audio": 0.96}
+
 log = logging.getLogger(__name__)
 
 MODALITIES = ("video", "audio")
@@ -73,6 +76,11 @@ def open_feature_store(path: str | Path, modality: str, dim: int) -> FeatureStor
         if not path.is_file():
             raise InputError(f"{path}: packed {modality} feature file not found")
         return H5Store(path, modality, dim)
+    if path.is_file():
+        raise InputError(
+            f"{path}: a file, but {modality} features are a directory of .npy files or a packed file named "
+            f"{' or '.join(H5_SUFFIXES)}"
+        )
     if not path.is_dir():
         raise InputError(f"{path}: {modality} feature directory not found (or give a packed .h5 file)")
     return NpyVideoStore(path, dim) if modality == "video" else NpyAudioStore(path, dim)

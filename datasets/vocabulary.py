@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from utilities.errors import InputError
-from utilities.files import not_utf8
+from utilities.files import read_text
 
 N_SPECIALS = 4
 
@@ -82,13 +82,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         """A JSON list, or one token per line (a line keeps its spaces: the original unk is ' UNK ')."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise InputError(f"{path}: vocabulary file not found") from None
-        except UnicodeDecodeError:
-            raise not_utf8(path) from None
+        text = read_text(path)
         if text.lstrip().startswith("["):
             try:
                 itos = json.loads(text)

@@ -463,9 +463,35 @@ def test_heuristic_segmenter_rule_full_and_stepwise():
     ids = torch.tensor([[itos.index(w) for w in words]])
     ends = segmenter.segment_ends(ids)[0]
     assert [w for w, e in zip(words, ends, strict=True) if e] == [",", "and", "."]
-    state = segmenter.start(1, "cpu")
-    stepwise = [segmenter.step(ids[:, t], None, state)[0].item() for t in range(ids.shape[1])]
-    assert stepwise[1:] == ends[:-1].tolist()  # at t: did token t−1 end a segment
+    for timing, new_goal_at in (("original", ["and", "then", "</s>"]), ("aligned", [",", "then", "."])):
+        starts = segmenter.goal_starts(ids, None, timing)[0]
+        assert [w for w, s in zip(words, starts, strict=True) if s] == new_goal_at
+        state = segmenter.start(1, "cpu")
+        stepwise = [segmenter.step(ids[:, t], None, state, timing)[0].item() for t in range(ids.shape[1])]
+        assert stepwise == starts.tolist()
+    assert segmenter.goal_starts(ids, None, "original")[0, 1:].tolist() == ends[:-1].tolist()
+
+
+def test_goal_timing_decides_which_output_a_segment_end_switches_the_goal_for():
+    """Input t = 3 (",") ends a segment. Output k is generated at decoder position k − 1 from inputs 0 … k − 1:
+    'aligned' takes the new goal for output t + 1 ("sits", the new clause's first word), 'original' only for
+    output t + 2 ("down")."""
+    itos = [" UNK ", "<blank>", "<s>", "</s>", "a", "man", "walks", ",", "sits", "down", *"abcdefghij"]
+    words = ["<s>", "a", "man", "walks", ",", "sits", "down", "</s>"]
+    ids = torch.tensor([[itos.index(w) for w in words]])
+    t = words.index(",")
+    inputs = make_inputs(B=1)[:4]
+    for timing, first_output in (("aligned", t + 1), ("original", t + 2)):
+        torch.manual_seed(0)
+        cfg = AgentConfig(**{**SMALL.__dict__, "segmenter": "heuristic", "goal_timing": timing})
+        agent = BMHRLAgent(len(itos), cfg, word_vectors=torch.randn(len(itos), D_CAPS), itos=itos).eval()
+        out = agent(*inputs, ids[:, :-1])
+        # the goal that generates output k is held at decoder position k - 1
+        new_goal_for = [k + 1 for k in out.goal_starts[0].nonzero()[:, 0].tolist()]
+        assert new_goal_for == [1, first_output]
+        held = out.goals[0]
+        assert torch.equal(held[first_output - 2], held[0])
+        assert not torch.equal(held[first_output - 1], held[0])
 
 
 def test_heuristic_agent_and_ablations_run_with_batch_size_one():

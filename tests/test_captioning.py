@@ -25,13 +25,16 @@ from datasets.features import crop_indices, pack_directory
 from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning import train as captioning
 from epoch_loops.captioning.agent_files import (
+    AGENT_CONFIG_FILE,
     AGENT_FILE,
     MANAGER_VALUE_FILE,
     TRAINING_FILE,
     WORKER_VALUE_FILE,
     build_agents,
+    load_agents,
     save_agents,
 )
+from epoch_loops.captioning.predict import check_duration
 from epoch_loops.captioning.train import caption_text
 from main import build_parser, main
 from model.captioning.bmhrl import AgentConfig, SegmentCritic, load_original_state_dict
@@ -382,6 +385,11 @@ def test_predict_on_the_sample_features_equals_direct_greedy_decoding(shared_dat
     [
         (["--timestamps", "30", "40"], r"segment 1 \(30.0, 40.0\) is not inside the video"),
         (["--timestamps", "1", "2", "3"], "expected start/end pairs"),
+        (
+            ["--duration", "60"],
+            r"--duration 60.0 s does not fit the audio features of women_long_jump: 36 rows of 0.96 s imply "
+            r"34.56 s \(allowed: within 2 rows, 1.92 s\)",
+        ),
         (["--video_id", "absent"], r"absent(_rgb)?\.npy: feature file not found"),
         (["--rl_pretrained_model_dir", "RELEASED"], "released checkpoint .*--vocab_path"),
         (
@@ -420,6 +428,28 @@ def test_predict_bad_input_is_a_one_line_error(shared_data, tmp_path, capsys, ch
     assert err.startswith("main.py: error: ") and err.count("\n") == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("modality", "rows", "duration", "fits"),
+    [
+        ("video", 14, 35.155, True),  # the sample video: 14 I3D rows = 35.84 s
+        ("audio", 36, 35.155, True),  # and 36 VGGish rows = 34.56 s
+        ("video", 14, 30.73, True),  # 35.84 - 2 x 2.56 = 30.72
+        ("video", 14, 30.70, False),
+        ("audio", 36, 36.47, True),  # 34.56 + 2 x 0.96 = 36.48
+        ("audio", 36, 36.50, False),
+        ("video", 14, 35.155 * 60, False),  # minutes taken for seconds
+    ],
+)
+def test_predict_duration_must_fit_the_feature_rows_within_two_strides(modality, rows, duration, fits):
+    if fits:
+        check_duration(duration, modality, rows, "v")
+    else:
+        with pytest.raises(
+            InputError, match=f"--duration {duration} s does not fit the {modality} features of v"
+        ):
+            check_duration(duration, modality, rows, "v")
 
 
 @requires_java
@@ -498,3 +528,18 @@ def test_resume_continues_with_the_runs_objective_and_may_raise_epoch_num(tiny_d
     history = json.loads((tmp_path / "train_rl_cap" / "kl" / "metrics.json").read_text())["history"]
     assert [r["phase"] for r in history] == ["warm_start", "worker", "manager"]
     assert "amplitude" in history[2]["train"]  # biased_kl's statistic
+
+
+def test_goal_timing_is_saved_with_the_agent_and_older_folders_load_as_original(tmp_path):
+    vocab = Vocabulary(["<unk>", "<blank>", "<s>", "</s>", "a", ","])
+    small = dict(
+        d_model_caps=8, d_model=8, rl_ff_v=8, rl_ff_a=8, rl_goal_d=4, rl_att_layers=1, d_vid=4, d_aud=4
+    )
+    cfg = AgentConfig(segmenter="heuristic", goal_timing="aligned", **small)
+    folder = save_agents(tmp_path / "ours", build_agents(cfg, vocab))
+    run_cfg = Config(**vars(build_parser().parse_args(["--procedure", "predict"])))
+    assert load_agents(run_cfg, folder).agent.cfg.goal_timing == "aligned"
+    saved = json.loads((folder / AGENT_CONFIG_FILE).read_text())
+    del saved["goal_timing"]
+    (folder / AGENT_CONFIG_FILE).write_text(json.dumps(saved))
+    assert load_agents(run_cfg, folder).agent.cfg.goal_timing == "original"

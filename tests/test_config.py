@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from main import build_parser
+from main import build_parser, main
 from tests.conftest import REPO
 from utilities.config import Config, config_from_argv, settings_for
 from utilities.errors import InputError
@@ -199,3 +199,97 @@ def test_settings_for_reads_fields_by_name_and_leaves_missing_ones_to_the_defaul
     assert settings_for(Sizes, cfg) == {"d_model": 64}
     assert Sizes(**settings_for(Sizes, cfg)) == Sizes(d_model=64, dout_p=0.1)
     assert settings_for(Sizes, argparse.Namespace(d_model=8, dout_p=0.0)) == {"d_model": 8, "dout_p": 0.0}
+
+
+BAD_VALUES = [
+    ("--B", "0", "a positive integer"),
+    ("--inf_B_coeff", "0", "a positive integer"),
+    ("--max_len", "0", "a positive integer"),
+    ("--batch_size", "-1", "a positive integer"),
+    ("--minibatch_size", "0", "a positive integer"),
+    ("--report_steps", "0", "a positive integer"),
+    ("--epochs_num", "0", "a positive integer"),
+    ("--epoch_num", "0", "a positive integer"),
+    ("--rl_warmstart_epochs", "-1", "a non-negative integer"),
+    ("--max_tags", "0", "a positive integer"),
+    ("--max_imgs", "0", "a positive integer"),
+    ("--seq_length", "0", "a positive integer"),
+    ("--rl_samples", "0", "a positive integer"),
+    ("--beam_size", "0", "a positive integer"),
+    ("--update_timesteps", "0", "a positive integer"),
+    ("--ppo_epochs", "0", "a positive integer"),
+    ("--num_workers", "-1", "a non-negative integer"),
+    ("--max_prop_per_vid", "0", "a positive integer"),
+    ("--reward_val_triplets", "0", "a positive integer"),
+    ("--d_model", "0", "a positive integer"),
+    ("--rl_att_heads", "0", "a positive integer"),
+    ("--xit_heads", "0", "a positive integer"),
+    ("--visual_feat_dim", "2.5", "a positive integer"),
+    ("--dout_p", "1", "a number in [0, 1)"),
+    ("--xit_dropout", "-0.1", "a number in [0, 1)"),
+    ("--smoothing", "1.5", "a number in [0, 1)"),
+    ("--rl_cap_lr", "0", "a positive number"),
+    ("--learning_rate", "-0.00001", "a positive number"),
+    ("--critic_lr", "nan", "a positive number"),
+    ("--grad_clip", "0", "a positive number"),
+    ("--grad_clip", "inf", "a positive number"),
+    ("--rl_gamma_manager", "1.5", "a number in [0, 1]"),
+    ("--rl_gamma_worker", "-0.1", "a number in [0, 1]"),
+    ("--rl_critic_score_threshhold", "2", "a number in [0, 1]"),
+    ("--tIoUs", "0", "a number in (0, 1]"),
+    ("--lr_reduce_factor", "1", "a number in (0, 1)"),
+    ("--early_stop_after", "0", "a positive integer"),
+    ("--duration", "0", "a positive number"),
+    ("--warmup", "1.5", "a number in [0, 1]"),
+    ("--weight_decay", "-1", "a non-negative number"),
+    ("--advantage_threshold", "nan", "a finite number"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "description"), BAD_VALUES)
+def test_out_of_range_values_are_refused_at_parse_time(flag, value, description, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse("--procedure", "train_rl_cap", flag, value)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"main.py: error: argument {flag}: must be {description}, got {value} (see --help)\n"
+
+
+def test_every_numeric_flag_has_a_range():
+    """A new numeric flag must decide its range: only --seed (any integer) and choices are plain int/float."""
+    plain = [
+        a.dest
+        for a in build_parser()._actions
+        if a.type in (int, float) and a.choices is None and a.dest != "seed"
+    ]
+    assert plain == []
+
+
+def test_a_config_file_is_held_to_the_same_ranges(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"procedure": "train_rl_cap", "max_len": 0}))
+    with pytest.raises(SystemExit):
+        parse("--config", str(tmp_path / "c.json"))
+    err = capsys.readouterr().err
+    assert "max_len 0: must be a positive integer, got 0" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--d_model", "30", "--rl_att_heads", "4"], "--d_model 30 is not divisible by --rl_att_heads 4"),
+        (
+            ["--d_model", "30", "--rl_att_heads", "3", "--rl_goal_att_heads", "4"],
+            "--d_model 30 is not divisible by --rl_goal_att_heads 4",
+        ),
+        (
+            ["--visual_feat_dim", "100", "--xit_heads", "8"],
+            "--visual_feat_dim 100 is not divisible by --xit_heads 8",
+        ),
+    ],
+)
+def test_heads_that_do_not_divide_their_width_are_refused_before_any_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--procedure", "train_rl_cap", "--log_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())

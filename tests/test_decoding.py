@@ -15,13 +15,13 @@ from tests.test_bmhrl_model import END, PAD, SMALL, V, loaded_agent, make_inputs
 ITOS = [" UNK ", "<blank>", "<s>", "</s>", ",", ".", "and", "then", *[f"w{i}" for i in range(V - 8)]]
 
 
-def agent_for(kind: str) -> BMHRLAgent:
+def agent_for(kind: str, goal_timing: str = "original") -> BMHRLAgent:
     """Random weights whose captions vary with the position and the features (not one repeated word); 'critic'
     has the test's critic weights, whose labels vary too."""
     mode = {"critic": "BMHRL", "heuristic": "BMHRL", "BM": "BM", "AHRL": "AHRL"}[kind]
     segmenter = "critic" if kind == "critic" else "heuristic"
     torch.manual_seed(0)
-    cfg = AgentConfig(**{**SMALL.__dict__, "mode": mode, "segmenter": segmenter})
+    cfg = AgentConfig(**{**SMALL.__dict__, "mode": mode, "segmenter": segmenter, "goal_timing": goal_timing})
     agent = BMHRLAgent(V, cfg, word_vectors=0.2 * torch.randn(V, SMALL.d_model_caps), itos=ITOS).eval()
     if kind == "critic":
         critic = {
@@ -38,10 +38,11 @@ def agent_for(kind: str) -> BMHRLAgent:
     return agent
 
 
+@pytest.mark.parametrize("goal_timing", ["original", "aligned"])
 @pytest.mark.parametrize("kind", ["critic", "heuristic", "BM", "AHRL"])
 @pytest.mark.parametrize("B", [1, 4])
-def test_cached_greedy_equals_full_prefix_greedy(kind, B):
-    agent = agent_for(kind)
+def test_cached_greedy_equals_full_prefix_greedy(kind, B, goal_timing):
+    agent = agent_for(kind, goal_timing)
     video, video_mask, audio, audio_mask, _ = make_inputs(B=B)
     cached = greedy_decode(agent, video, video_mask, audio, audio_mask, max_len=12)
     full = greedy_decode(agent, video, video_mask, audio, audio_mask, max_len=12, use_cache=False)
@@ -107,9 +108,10 @@ def naive_beam_search(agent, features, beam_size, max_len, length_penalty):
     return best[0]
 
 
+@pytest.mark.parametrize("goal_timing", ["original", "aligned"])
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_search_equals_a_naive_beam_search(length_penalty):
-    agent = agent_for("critic")
+def test_beam_search_equals_a_naive_beam_search(length_penalty, goal_timing):
+    agent = agent_for("critic", goal_timing)
     video, video_mask, audio, audio_mask, _ = make_inputs(B=2)
     beams = beam_search(
         agent, video, video_mask, audio, audio_mask, 3, max_len=6, length_penalty=length_penalty
@@ -121,8 +123,9 @@ def test_beam_search_equals_a_naive_beam_search(length_penalty):
         assert (beams[row, len(expected) :] == PAD).all()
 
 
-def test_rollouts_are_seeded_and_match_the_teacher_forced_pass():
-    agent = loaded_agent()
+@pytest.mark.parametrize("goal_timing", ["original", "aligned"])
+def test_rollouts_are_seeded_and_match_the_teacher_forced_pass(goal_timing):
+    agent = loaded_agent(goal_timing=goal_timing)
     video, video_mask, audio, audio_mask, _ = make_inputs(B=2)
     agent.rng.manual_seed(7)
     first = sample(agent, video, video_mask, audio, audio_mask, max_len=8, num_samples=3, explore=False)
@@ -160,3 +163,14 @@ def test_rollout_log_probs_carry_gradient_and_exploration_is_seeded():
     again = sample(agent, video, video_mask, audio, audio_mask, max_len=6, num_samples=2, explore=True)
     assert torch.equal(rollout.tokens, again.tokens)
     torch.testing.assert_close(rollout.goal_log_probs, again.goal_log_probs)
+
+
+def test_aligned_timing_takes_the_critics_goal_one_position_earlier():
+    """The same critic labels: a goal taken at position t+1 under 'original' is taken at t under 'aligned'."""
+    video, video_mask, audio, audio_mask, captions = make_inputs(B=3)
+    with torch.no_grad():
+        original = agent_for("critic")(video, video_mask, audio, audio_mask, captions).goal_starts
+        aligned = agent_for("critic", "aligned")(video, video_mask, audio, audio_mask, captions).goal_starts
+    assert original[:, 1:].any() and original[:, 0].all() and aligned[:, 0].all()
+    assert torch.equal(aligned[:, :-1] | original[:, :1], original[:, 1:] | aligned[:, :1])
+    assert torch.equal(aligned[:, 1:-1], original[:, 2:])

@@ -79,7 +79,6 @@ def test_epoch_plan_alternates_only_after_exactly_w_warm_start_epochs(tiny_data,
     [
         (["--scst_baseline", "mean", "--rl_samples", "1"], "needs --rl_samples 2"),
         (["--rl_stabilize"], "--scst_baseline value"),
-        (["--rl_gamma_manager", "1.5"], "--rl_gamma_manager must lie in [0, 1]"),
     ],
 )
 def test_bad_rl_settings_are_refused_before_any_work(tiny_data, tmp_path, capsys, flags, message):

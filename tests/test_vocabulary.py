@@ -48,7 +48,7 @@ def test_bad_vocabulary_files(tmp_path):
     (tmp_path / "dup.json").write_text(json.dumps(["<unk>", "<blank>", "<s>", "</s>", "a", "a"]))
     with pytest.raises(InputError, match=r"dup\.json: token 'a' appears twice \(ids 4 and 5\)"):
         Vocabulary.load(tmp_path / "dup.json")
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match=r"absent\.json: cannot read: No such file"):
         Vocabulary.load(tmp_path / "absent.json")
 
 

@@ -53,7 +53,7 @@ def load_checkpoint(
             f"{path}: refused to load: it contains pickled objects other than tensors and plain containers "
             f"(loaded with weights_only=True; {detail}). Load such a file only if you trust its source."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
         raise InputError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
     if not isinstance(state, dict):
         raise InputError(f"{path}: expected a dict checkpoint, found {type(state).__name__}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +38,37 @@ class BoolFlag(argparse.Action):
 
     def format_usage(self) -> str:
         return " | ".join(self.option_strings[:2])
+
+
+def ranged(
+    convert: Callable[[str], Any], description: str, accept: Callable[[Any], bool]
+) -> Callable[[str], Any]:
+    """An argparse `type=` that converts a flag's text and refuses values outside a range at parse time, so a
+    bad size or count is one line from argparse (`argument --max_len: must be a positive integer, got 0`)
+    instead of a crash after hours of work. Non-finite floats are refused too."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text}")
+        return value
+
+    parse.__name__ = description  # argparse names the type in some of its own messages
+    return parse
+
+
+positive_int = ranged(int, "a positive integer", lambda v: v > 0)
+non_negative_int = ranged(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = ranged(float, "a positive number", lambda v: v > 0)
+non_negative_float = ranged(float, "a non-negative number", lambda v: v >= 0)
+finite_float = ranged(float, "a finite number", lambda v: True)
+probability = ranged(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+below_one = ranged(float, "a number in [0, 1)", lambda v: 0 <= v < 1)  # dropout, label smoothing
+open_unit = ranged(float, "a number in (0, 1)", lambda v: 0 < v < 1)  # a multiplicative decay factor
+tiou = ranged(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -118,8 +151,10 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
         log.warning(
             "%s: ignoring settings this version does not know: %s", explicit["config"], ", ".join(unknown)
         )
+    reloaded = {k: v for k, v in saved.items() if k in known and k not in NOT_RELOADED}
+    _check_ranges(parser, reloaded, explicit["config"])
     settings = {a.dest: a.default for a in parser._actions if a.dest != "help"}
-    settings.update({k: v for k, v in saved.items() if k in known and k not in NOT_RELOADED})
+    settings.update(reloaded)
     settings.update(explicit)
     settings.pop("help", None)
     if settings.get("procedure") is None:
@@ -127,6 +162,24 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
     if settings["procedure"] not in _choices(parser, "procedure"):
         parser.error(f"unknown procedure {settings['procedure']!r} in {explicit['config']}")
     return Config(given=frozenset(explicit), **settings)
+
+
+def _check_ranges(parser: argparse.ArgumentParser, settings: dict[str, Any], source: str) -> None:
+    """Hold a config file's values to the ranges and choices of the flags they stand for."""
+    for action in parser._actions:
+        value = settings.get(action.dest)
+        if value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            try:
+                if action.type is not None:
+                    action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"{source}: {action.dest} {item!r}: {e}")
+            if action.choices is not None and item not in action.choices:
+                parser.error(
+                    f"{source}: {action.dest} {item!r}: expected one of {', '.join(map(str, action.choices))}"
+                )
 
 
 def _choices(parser: argparse.ArgumentParser, dest: str) -> list[str]:

@@ -13,15 +13,22 @@ from typing import Any
 from utilities.errors import InputError
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing, unreadable or malformed file is an InputError naming it."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing or unreadable one (a directory, no permission) or one that is not UTF-8
+    (a binary file given by mistake) is an InputError naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise not_utf8(path) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is an InputError naming it."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
 

@@ -85,8 +85,8 @@ def read_captions_csv(path: str | Path) -> Annotations:
             header = next(reader, None)
             if header is None or tuple(header) != CSV_COLUMNS:
                 raise InputError(
-                    f"{path}: line 1: expected the tab-separated header {list(CSV_COLUMNS)}, got {header} "
-                    "(wrong column order, names or separator)"
+                    f"{path}: line 1: expected the tab-separated header {list(CSV_COLUMNS)}, got "
+                    f"{_shortened(str(header))} (wrong column order, names or separator)"
                 )
             for row in reader:
                 segment = _parse_row(row, path, reader.line_num, len(segments))
@@ -114,6 +114,11 @@ def read_captions_csv(path: str | Path) -> Annotations:
             "; ".join(examples),
         )
     return Annotations(path, segments, anomalies)
+
+
+def _shortened(text: str, limit: int = 120) -> str:
+    """A quote of the file that keeps a one-line error short (a JSON file's first line can be megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit]} ..."
 
 
 def _parse_row(row: list[str], path: Path, line: int, expected_idx: int) -> Segment:

@@ -8,7 +8,8 @@ The checkpoint is ours (sizes and vocabulary inside) or a released one (`--vocab
 the original layout (`VDIR/ID_rgb.npy` + `VDIR/ID_flow.npy`, `ADIR/ID.npy`; BMT's sample naming
 `ADIR/ID_vggish.npy` is accepted too) or packed HDF5 files. Each segment is cropped with the original rule
 (`datasets.features.crop_indices`) and decoded on its own (batch size 1, as the original's single-video path),
-so greedy decoding gives the original's captions for the same weights. Output, printed and written to
+so greedy decoding gives the original's captions for the same weights. `--duration` must fit the feature rows
+(`check_duration`): the crop rule scales the timestamps by it. Output, printed and written to
 `--predictions_out`: `[{"start": S, "end": E, "sentence": "..."}]` in the order given.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.features import crop_indices, load_npy, open_feature_store
+from datasets.features import STRIDE_S, crop_indices, load_npy, open_feature_store
 from epoch_loops.captioning.agent_files import load_agents
 from epoch_loops.captioning.train import caption_text, decode
 from utilities.config import Config
@@ -36,6 +37,8 @@ def predict(cfg: Config, run: RunDir) -> None:
     agents = load_agents(cfg, cfg.rl_pretrained_model_dir, with_value_functions=False)
     agent = agents.agent.to(torch.device(cfg.device)).eval()
     features = {m: full_features(cfg, m, agent.cfg) for m in agent.modalities}
+    for modality, rows in features.items():
+        check_duration(cfg.duration, modality, len(rows), cfg.video_id)
     results = []
     for start, end in segments:
         crops = {}
@@ -55,8 +58,6 @@ def requested_segments(cfg: Config) -> list[tuple[float, float]]:
     """(start, end) pairs from --timestamps, each inside [0, --duration] with start < end."""
     if not cfg.video_id or cfg.duration is None or not cfg.timestamps:
         raise InputError("predict needs --video_id ID, --duration SECONDS and --timestamps S1 E1 [S2 E2 ...]")
-    if not (np.isfinite(cfg.duration) and cfg.duration > 0):
-        raise InputError(f"--duration {cfg.duration}: must be a positive number of seconds")
     if len(cfg.timestamps) % 2:
         raise InputError(f"--timestamps: expected start/end pairs, got {len(cfg.timestamps)} numbers")
     pairs = list(zip(cfg.timestamps[::2], cfg.timestamps[1::2], strict=True))
@@ -67,6 +68,25 @@ def requested_segments(cfg: Config) -> list[tuple[float, float]]:
                 f"0 <= start < end <= --duration {cfg.duration}"
             )
     return pairs
+
+
+# How far --duration may lie from what the rows imply (rows × stride), in strides: extraction rounds a video's
+# last, partial stack or window either way (the sample video of 35.155 s has 14 I3D rows = 35.84 s and 36
+# VGGish rows = 34.56 s), so one stride is the rounding and the second a margin for frame-rate resampling.
+DURATION_TOLERANCE_STRIDES = 2
+
+
+def check_duration(duration: float, modality: str, n_rows: int, video_id: str) -> None:
+    """Refuse a --duration that the video's feature rows contradict: crops would take the wrong rows (a
+    duration in minutes, or the features of another video) and still give plausible captions."""
+    stride = STRIDE_S[modality]
+    implied = n_rows * stride
+    if abs(implied - duration) > DURATION_TOLERANCE_STRIDES * stride:
+        raise InputError(
+            f"--duration {duration} s does not fit the {modality} features of {video_id}: {n_rows} rows of "
+            f"{stride:.2f} s imply {implied:.2f} s (allowed: within {DURATION_TOLERANCE_STRIDES} rows, "
+            f"{DURATION_TOLERANCE_STRIDES * stride:.2f} s); give the video's duration in seconds"
+        )
 
 
 def full_features(cfg: Config, modality: str, agent_cfg) -> np.ndarray:

@@ -44,6 +44,11 @@ JOINING_WORDS = frozenset(
     ("and", "then", "while", "as", "before", "after", "but", "when", "until", "once", "so", "because", "or")
 )
 
+# When a new goal is taken relative to a segment end (README, "The goal lag"): 'original' at the position after
+# the segment-ending input, so the first word of the next clause is still generated under the old goal; 'aligned'
+# at the segment-ending input itself, so that word is generated under the new goal.
+GOAL_TIMINGS = ("original", "aligned")
+
 # The original's fusion feed-forward layers, created but never applied: dropped when its checkpoints are loaded.
 DEAD_KEY = re.compile(r"^bm_(worker|manager)_fus\.decoder\.layers\.\d+\.feed_forward\.")
 
@@ -55,7 +60,8 @@ class AgentConfig:
     `mode`: BMHRL, AHRL (audio only), VHRL (video only), BM (no hierarchy). `segmenter`: 'critic' (the frozen
     pretrained segment critic) or 'heuristic' (`HeuristicSegmenter`, no weights). `rl_goal_att_heads` is the
     worker's goal-attention head count (hard-coded 2 in the original). The fields in `RUN_SETTINGS` are not
-    sizes: a loaded checkpoint folder takes them from the flags given explicitly."""
+    sizes: a loaded checkpoint folder takes them from the flags given explicitly. `goal_timing` (not a size):
+    when a new goal is taken after a segment end (`GOAL_TIMINGS`)."""
 
     mode: str = "BMHRL"
     d_vid: int = 1024
@@ -72,12 +78,15 @@ class AgentConfig:
     segmenter: str = "critic"
     rl_critic_score_threshhold: float = 0.25
     unfreeze_word_emb: bool = False
+    goal_timing: str = "original"
 
     def __post_init__(self):
         if self.mode not in MODALITIES:
             raise InputError(f"--mode {self.mode!r}: the agent is one of {', '.join(MODALITIES)}")
         if self.segmenter not in ("critic", "heuristic"):
             raise InputError(f"--segmenter {self.segmenter!r}: expected 'critic' or 'heuristic'")
+        if self.goal_timing not in GOAL_TIMINGS:
+            raise InputError(f"--goal_timing {self.goal_timing!r}: expected one of {', '.join(GOAL_TIMINGS)}")
 
     @classmethod
     def from_config(cls, cfg) -> AgentConfig:
@@ -91,7 +100,7 @@ class AgentConfig:
 
 # AgentConfig fields that do not shape the weights: loading a checkpoint folder keeps its sizes (and mode) but
 # lets these be changed with an explicit flag (epoch_loops/captioning/agent_files.py).
-RUN_SETTINGS = ("dout_p", "segmenter", "rl_critic_score_threshhold", "unfreeze_word_emb")
+RUN_SETTINGS = ("dout_p", "segmenter", "rl_critic_score_threshhold", "unfreeze_word_emb", "goal_timing")
 
 
 @dataclass
@@ -120,7 +129,7 @@ class AgentOutput:
     log_probs: torch.Tensor  # (B, L, V)
     worker_feat: torch.Tensor  # (B, L, d_caps)
     manager_feat: torch.Tensor | None  # (B, L, d_caps)
-    goals: torch.Tensor | None  # (B, L, goal_d), held until the token after a segment end
+    goals: torch.Tensor | None  # (B, L, goal_d), each held from its goal start to the next (--goal_timing)
     goal_starts: torch.Tensor | None  # (B, L) bool: a new goal is taken at this position
 
 
@@ -309,6 +318,12 @@ class SegmentCritic(nn.Module):
         """(B, L) bool: the token at each position ends a segment (any batch size, B = 1 included)."""
         return torch.sigmoid(self.logits(embedded)[0]) > self.threshold
 
+    def goal_starts(self, ids: torch.Tensor, embedded: torch.Tensor, timing: str) -> torch.Tensor:
+        """(B, L) bool: a new goal is taken at this position (the agent adds position 0): 'original' after a
+        segment-ending input, 'aligned' at it."""
+        ends = self.segment_ends(ids, embedded)
+        return ends if timing == "aligned" else F.pad(ends[:, :-1], (1, 0), value=False)
+
     def start(self, batch_size: int, device) -> SegmenterState:
         zeros = torch.zeros(batch_size, dtype=torch.bool, device=device)
         h = torch.zeros(self.lstm.num_layers, batch_size, self.lstm.hidden_size, device=device)
@@ -316,12 +331,13 @@ class SegmentCritic(nn.Module):
         return SegmenterState((h, h.clone(), g), zeros)
 
     @torch.no_grad()
-    def step(self, ids_t: torch.Tensor, embedded_t: torch.Tensor, state: SegmenterState) -> torch.Tensor:
-        """Whether the *previous* token ended a segment, given the token at this position (B, 1, d); advances
-        `state`."""
+    def step(
+        self, ids_t: torch.Tensor, embedded_t: torch.Tensor, state: SegmenterState, timing: str
+    ) -> torch.Tensor:
+        """`goal_starts` at this position, given its token (B,) and embedding (B, 1, d); advances `state`."""
         logit, state.recurrent = self.logits(embedded_t, state.recurrent)
         ended_before, state.previous = state.previous, torch.sigmoid(logit[:, 0]) > self.threshold
-        return ended_before
+        return state.previous if timing == "aligned" else ended_before
 
 
 class HeuristicSegmenter(nn.Module):
@@ -332,7 +348,12 @@ class HeuristicSegmenter(nn.Module):
     "after", "but", "when", "until", "once", "so", "because", "or"). "a man walks in , and then sits down ." ends
     segments at ",", "and" and ".", so new goals start at "and" and "then" (a goal is taken at the token after a
     segment end, as with the critic). Works on token ids through the vocabulary's `itos`; special tokens
-    never end a segment."""
+    never end a segment.
+
+    Under `--goal_timing aligned` a goal is taken as soon as the boundary is known while decoding: at a
+    punctuation input (its next word gets the new goal), and at a joining word that does not follow punctuation
+    (a boundary *before* a joining word is known only once the word is there, so the word itself is still
+    generated under the old goal, as under 'original')."""
 
     def __init__(self, itos: Sequence[str], special_ids: Sequence[int]):
         super().__init__()
@@ -348,13 +369,29 @@ class HeuristicSegmenter(nn.Module):
         next_joins = F.pad(self.is_joining[ids[:, 1:]], (0, 1), value=False)
         return self.is_punctuation[ids] | next_joins
 
+    def goal_starts(self, ids: torch.Tensor, embedded: torch.Tensor | None, timing: str) -> torch.Tensor:
+        """As `SegmentCritic.goal_starts`, from the rule (see the class docstring for 'aligned')."""
+        after_punctuation = F.pad(self.is_punctuation[ids[:, :-1]], (1, 0), value=False)
+        return self._starts(self.is_punctuation[ids], self.is_joining[ids], after_punctuation, timing)
+
     def start(self, batch_size: int, device) -> SegmenterState:
         return SegmenterState((), torch.zeros(batch_size, dtype=torch.bool, device=device))
 
-    def step(self, ids_t: torch.Tensor, embedded_t: torch.Tensor, state: SegmenterState) -> torch.Tensor:
-        ended_before = state.previous | self.is_joining[ids_t]
-        state.previous = self.is_punctuation[ids_t]
-        return ended_before
+    def step(
+        self, ids_t: torch.Tensor, embedded_t: torch.Tensor, state: SegmenterState, timing: str
+    ) -> torch.Tensor:
+        punctuation = self.is_punctuation[ids_t]
+        starts = self._starts(punctuation, self.is_joining[ids_t], state.previous, timing)
+        state.previous = punctuation
+        return starts
+
+    @staticmethod
+    def _starts(
+        punctuation: torch.Tensor, joining: torch.Tensor, after_punctuation: torch.Tensor, timing: str
+    ) -> torch.Tensor:
+        if timing == "aligned":
+            return punctuation | (joining & ~after_punctuation)
+        return after_punctuation | joining
 
 
 @dataclass
@@ -538,8 +575,8 @@ class BMHRLAgent(nn.Module):
         worker_feat = self.bm_worker_fus(C, self.bm_worker_fus.memory_kv(memory), memory, C_mask)
         if not self.hierarchical:
             return AgentOutput(F.log_softmax(self.projection(worker_feat), -1), worker_feat, None, None, None)
-        ends = self.critic.segment_ends(captions, embedded)
-        starts = F.pad(ends[:, :-1], (1, 0), value=True)
+        starts = self.critic.goal_starts(captions, embedded, self.cfg.goal_timing)
+        starts[:, 0] = True
         manager_feat = self.bm_manager_fus(C, self.bm_manager_fus.memory_kv(memory), memory, C_mask)
         goals, _ = self._explore(self.manager(manager_feat), self.exploration and self.training)
         goals = expand_goals(goals, starts)
@@ -593,7 +630,7 @@ class BMHRLAgent(nn.Module):
             state.t += 1
             log_probs = F.log_softmax(self.projection(worker_feat[:, 0]), -1)
             return StepOutput(log_probs, None, None, worker_feat[:, 0], None, None)
-        start = self.critic.step(ids_t, embedded, state.segmenter)
+        start = self.critic.step(ids_t, embedded, state.segmenter, self.cfg.goal_timing)
         if state.t == 0:
             start = torch.ones_like(start)
         manager_feat = self.bm_manager_fus(C, state.memory_kv["manager"], memory, C_mask, caches["manager"])
