@@ -33,9 +33,8 @@ from utilities.run_dir import RunDir, is_rank0
 
 log = logging.getLogger(__name__)
 
-TRAINING_FILE = (
-    "training_state.pt"  # a checkpoint folder's training state (captioning keeps its weights beside)
-)
+# A captioning checkpoint folder's training state (the weights are the agent files beside it).
+TRAINING_FILE = "training_state.pt"
 
 RUN_LOCAL = frozenset(
     {
