@@ -143,6 +143,21 @@ def test_ppo_builds_its_models_at_the_stage_checkpoints_sizes_not_the_flags(trai
     assert models.actor.seq_length == 8 and not models.actor.compat_xit_attention
 
 
+def test_stages_started_from_a_released_file_train_with_its_attention_and_record_it(demo, trained, tmp_path):
+    """A pointwise or reward run started from a released `.bin` (no config of ours) builds its model with the
+    original's attention, and its own checkpoints say so (so PPO and eval rebuild it the same way)."""
+    released = tmp_path / "pointwise.bin"
+    state = load_checkpoint(trained["pointwise"])["model"]
+    torch.save(state, released)
+    common = ["--learning_rate", "1e-3", "--batch_size", "8", "--epochs_num", "1", "--report_steps", "50"]
+    for stage in ("pointwise", "reward"):
+        extra = ["--max_tags", "10"] if stage == "pointwise" else ["--reward_val_triplets", "5"]
+        argv = stage_argv(demo, tmp_path, stage, "from_bin", *common, *extra)
+        assert main([*argv, "--pretrained_model_path", str(released)]) == 0
+        saved = load_checkpoint(tmp_path / stage / "from_bin" / "checkpoints" / "best.pt")["config"]
+        assert saved["compat_xit_attention"] is True, stage
+
+
 def ppo_setup(demo, trained, objective: str):
     cfg = config_from_argv(
         build_parser(), stage_argv(demo, Path("unused"), "ppo", "x", "--ppo_objective", objective)

@@ -96,6 +96,21 @@ def model_sizes(cfg: Config, weights: RankingWeights | None = None) -> LabelRank
     return replace(saved, **explicit)
 
 
+def starting_sizes(cfg: Config) -> tuple[LabelRankingConfig, RankingWeights | None]:
+    """The settings a stage builds its model at: those of `--pretrained_model_path` when it starts from one
+    (`model_sizes`), else the flags. The run's config records them, so its data readers and checkpoints follow."""
+    weights = read_ranking_weights(cfg.pretrained_model_path) if cfg.pretrained_model_path else None
+    sizes = model_sizes(cfg, weights)
+    adopt_sizes(cfg, sizes)
+    return sizes, weights
+
+
+def adopt_sizes(cfg: Config, sizes: LabelRankingConfig) -> None:
+    """Record in the run's config the settings its models were built at."""
+    for f in fields(sizes):
+        setattr(cfg, f.name, getattr(sizes, f.name))
+
+
 def _listed(sizes: LabelRankingConfig) -> str:
     return ", ".join(f"{f.name}={getattr(sizes, f.name)}" for f in fields(sizes))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from datasets.ranking.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset,
 from epoch_loops.ranking.checkpoints import (
     RankingWeights,
     actor_state,
+    adopt_sizes,
     load_weights,
     model_sizes,
     read_ranking_weights,
@@ -186,8 +187,7 @@ def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         "reward_model_path",
     )
     models = build_models(cfg)
-    for name, value in asdict(models.sizes).items():  # the data and PPO's checkpoints follow the stages
-        setattr(cfg, name, value)
+    adopt_sizes(cfg, models.sizes)  # the data and PPO's checkpoints follow the stages
     print_trainable(models.actor, models.critic)
     features = open_features(cfg)
     train = PPOPairDataset(

@@ -43,6 +43,7 @@ from epoch_loops.ranking.checkpoints import (
     load_weights,
     model_sizes,
     read_ranking_weights,
+    starting_sizes,
     weights_checkpoint,
 )
 from epoch_loops.training import (
@@ -332,14 +333,13 @@ def _reward_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tenso
 
 def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 1: the fusion scorer on graded labels (`--train_path` first_stage_data.json)."""
-    sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
-        print_dry_run(sizes.build_scorer)
+        print_dry_run(LabelRankingConfig.from_config(cfg).build_scorer)
         return None
     require(cfg, "train_path", "dev_path", "test_path", "features_h5")
+    sizes, weights = starting_sizes(cfg)
     model = sizes.build_scorer()
-    if cfg.pretrained_model_path:
-        weights = read_ranking_weights(cfg.pretrained_model_path)
+    if weights is not None:
         load_weights(model, actor_state(weights), weights.source)
     model.to(cfg.device)
     print_trainable(model)
@@ -363,14 +363,13 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 2: the reward model on preference pairs (`--train_path` the pair file); pair accuracy on
     comparisons drawn from the graded dev/test clips (spec §3.3). `--pretrained_model_path` (a scorer) starts
     its trunk from stage 1 (the original started from scratch, spec §8.13)."""
-    sizes = LabelRankingConfig.from_config(cfg)
     if cfg.dry_run:
-        print_dry_run(sizes.build_reward_model)
+        print_dry_run(LabelRankingConfig.from_config(cfg).build_reward_model)
         return None
     require(cfg, "train_path", "dev_path", "test_path", "features_h5")
+    sizes, weights = starting_sizes(cfg)
     model = sizes.build_reward_model()
-    if cfg.pretrained_model_path:
-        weights = read_ranking_weights(cfg.pretrained_model_path)
+    if weights is not None:
         trunk = {k: v for k, v in actor_state(weights).items() if not k.startswith("head.")}
         own = {
             k: v
