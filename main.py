@@ -359,10 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="NDCG of a clip without relevant labels (ideal DCG 0): 1 as LR2PPO/LightGBM, 0 as allRank",
     )
     add_ranking_flags(ranking)
+    add_letor_flags(parser.add_argument_group("LETOR transfer (--task letor, letor_align)"))
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
-        "--task", default="captioning", choices=["captioning", "ranking"], help="eval: what to evaluate"
+        "--task",
+        default="captioning",
+        choices=["captioning", "ranking", "letor", "letor_align"],
+        help="eval: what to evaluate; letor: LR2PPO's LETOR transfer experiment for pointwise, reward, ppo, eval "
+        "and data_summary; letor_align (pointwise): its alignment model",
     )
     evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
     evaluation.add_argument(
@@ -552,6 +557,48 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         default="flattened",
         choices=["flattened", "pooled"],
         help="flattened: the paper's (frame-order dependent); pooled: attention-pooled, order invariant",
+    )
+
+
+def add_letor_flags(letor: argparse._ArgumentGroup) -> None:
+    """The domains' data of LR2PPO's LETOR experiment; its stages take the ranking flags besides."""
+    letor.add_argument(
+        "--source_dir",
+        default=None,
+        help="source dataset (MSLR-WEB10K): the folder holding Fold1/ ... Fold5/",
+    )
+    letor.add_argument(
+        "--target_dir", default=None, help="target dataset (MQ2008): the folder holding Fold1/ ..."
+    )
+    letor.add_argument(
+        "--fold", default="Fold1", help="the fold the three stages train, select and report on"
+    )
+    letor.add_argument("--align_fold", default="Fold2", help="the fold the alignment model trains on")
+    letor.add_argument(
+        "--limit_rows", type=positive_int, default=None, help="read only the first N rows of each train.txt"
+    )
+    letor.add_argument(
+        "--letor_cache_dir",
+        default="./.cache/letor",
+        help="packed HDF5 of every split read (reused while "
+        "the text file keeps its size and modification time)",
+    )
+    letor.add_argument(
+        "--source_feat_dim",
+        type=positive_int,
+        default=136,
+        help="letor_align: source rows' width (WEB10K 136)",
+    )
+    letor.add_argument(
+        "--target_feat_dim", type=positive_int, default=46, help="letor_align: target rows' width (MQ2008 46)"
+    )
+    letor.add_argument(
+        "--alignment_model_path",
+        default=None,
+        help="the alignment model (ours or the original's .bin) whose input MLPs project every row",
+    )
+    letor.add_argument(
+        "--target_test_path", default=None, help="eval --task letor: raw target rows (svmlight)"
     )
 
 

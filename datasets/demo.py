@@ -451,3 +451,83 @@ def _generate_ranking(
         (paths.test, test),
     ):
         path.write_text(json.dumps(clips))
+
+
+# --- LETOR: a source and a shifted target learning-to-rank dataset in the official fold layout ------------------
+
+LETOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LetorDemoPaths:
+    root: Path
+    source_dir: Path  # <source_dir>/Fold{1,2}/{train,vali,test}.txt, `source_feat_dim` features, labels 0-4
+    target_dir: Path  # the same layout, `target_feat_dim` features, labels 0-2
+    source_feat_dim: int
+    target_feat_dim: int
+
+
+def ensure_letor_demo(
+    root: str | Path,
+    seed: int = 0,
+    source_feat_dim: int = 136,
+    target_feat_dim: int = 46,
+    latent_dim: int = 6,
+    queries: tuple[int, int, int, int] = (80, 40, 30, 40),
+    align_target_queries: int = 8,
+    domain_shift: float = 0.6,
+) -> LetorDemoPaths:
+    """Generate (once; reused when the parameters match) two LETOR datasets of the real widths and label ranges.
+
+    Each document has a latent vector z; each query shifts its documents' z by a query offset (so some queries
+    have no relevant document, as in MQ2008). A domain sees z through its own random linear map plus noise.
+    Relevance is a thresholded projection of z: the source's on a direction w (labels 0-4), the target's on w
+    turned by `domain_shift` of a right angle (labels 0-2), so a ranker of source relevance is measurably worse on
+    the target. `queries` = (source train, target train, vali, test) per fold; the alignment fold (Fold2) has
+    only `align_target_queries` target training queries, as labelled target data is what transfer lacks.
+    """
+    root = Path(root)
+    params = {
+        "kind": "letor",
+        "version": LETOR_VERSION,
+        "seed": seed,
+        "widths": [source_feat_dim, target_feat_dim, latent_dim],
+        "queries": list(queries),
+        "align_target_queries": align_target_queries,
+        "domain_shift": domain_shift,
+    }
+    paths = LetorDemoPaths(root, root / "MSLR-WEB10K", root / "MQ2008", source_feat_dim, target_feat_dim)
+
+    def generate(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        w = _orthonormalize(rng.normal(size=(latent_dim, 2)))
+        angle = domain_shift * np.pi / 2
+        directions = {"source": w[:, 0], "target": np.cos(angle) * w[:, 0] + np.sin(angle) * w[:, 1]}
+        widths = {"source": source_feat_dim, "target": target_feat_dim}
+        maps = {d: rng.normal(size=(latent_dim, widths[d])) / np.sqrt(latent_dim) for d in widths}
+        thresholds = {"source": [0.4, 1.0, 1.5, 2.0], "target": [0.5, 1.2]}
+        n_source, n_target, n_vali, n_test = queries
+        for fold, n_target_train in (("Fold1", n_target), ("Fold2", align_target_queries)):
+            counts = {
+                "source": {"train": n_source, "vali": n_vali, "test": n_test},
+                "target": {"train": n_target_train, "vali": n_vali, "test": n_test},
+            }
+            for domain, splits in counts.items():
+                folder = tmp / getattr(paths, f"{domain}_dir").name / fold
+                folder.mkdir(parents=True)
+                qid = 1 if domain == "source" else 10_000
+                for split, n_queries in splits.items():
+                    lines = []
+                    for _ in range(n_queries):
+                        n_docs = int(rng.integers(8, 33))
+                        z = rng.normal(size=(n_docs, latent_dim)) + 0.7 * rng.normal(size=latent_dim)
+                        labels = np.searchsorted(thresholds[domain], z @ directions[domain])
+                        features = z @ maps[domain] + 0.3 * rng.normal(size=(n_docs, widths[domain]))
+                        for j in range(n_docs):
+                            values = " ".join(f"{i + 1}:{v:.5f}" for i, v in enumerate(features[j]))
+                            lines.append(f"{labels[j]} qid:{qid} {values} #docid = {domain}-{qid}-{j}")
+                        qid += 1
+                    (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+    _build_once(root, params, generate)
+    return paths

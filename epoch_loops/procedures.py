@@ -40,6 +40,17 @@ PROCEDURES: dict[str, Procedure] = {
     "reward": Procedure("epoch_loops.ranking.stages:reward", trains=True),
     "ppo": Procedure("epoch_loops.ranking.ppo:ppo", trains=True),
     "export_ranking": Procedure("epoch_loops.ranking.checkpoints:export_ranking"),
+    "letor_baselines": Procedure("epoch_loops.ranking.letor:baselines"),
+}
+
+# `--task` selects another implementation of some procedures: LR²PPO's LETOR transfer experiment.
+TASK_PROCEDURES: dict[tuple[str, str], Procedure] = {
+    ("pointwise", "letor_align"): Procedure("epoch_loops.ranking.letor:align", trains=True),
+    ("pointwise", "letor"): Procedure("epoch_loops.ranking.letor:pointwise", trains=True),
+    ("reward", "letor"): Procedure("epoch_loops.ranking.letor:reward", trains=True),
+    ("ppo", "letor"): Procedure("epoch_loops.ranking.letor:ppo", trains=True),
+    ("eval", "letor"): Procedure("epoch_loops.ranking.letor:evaluate"),
+    ("data_summary", "letor"): Procedure("epoch_loops.ranking.letor:data_summary"),
 }
 
 log = logging.getLogger(__name__)
@@ -66,7 +77,7 @@ def run_procedure(cfg: Config) -> int:
     """Decide the run directory (config.json records the settings as given, e.g. `--device auto`), resolve the
     device, seed, then run the procedure; the directory appears with the run's first write."""
     setup_logging(progress=cfg.progress)
-    spec = PROCEDURES[cfg.procedure]
+    spec = TASK_PROCEDURES.get((cfg.procedure, getattr(cfg, "task", None)), PROCEDURES[cfg.procedure])
     if cfg.resume:
         if not spec.trains:
             raise InputError(

@@ -30,7 +30,7 @@ def test_hand_written_rows(tmp_path):
         ("1 qid:1 1:nan\n", "bad feature '1:nan'"),
         ("1 qid:1 0:1\n", "bad feature '0:1'"),
         ("-1 qid:1 1:1\n", "label -1 is negative"),
-        ("1 qid:1 1:1\n0 qid:2 1:1\n2 qid:1 1:0\n", "qid 1 appears again after other queries (row 3)"),
+        ("1 qid:1 1:1\n0 qid:2 1:1\n\n2 qid:1 1:0\n", "f.txt:4: qid 1 appears again after other queries"),
         ("# only a comment\n", "no rows"),
     ],
 )
@@ -44,9 +44,11 @@ def test_errors_name_file_and_line(tmp_path, text, message):
 
 def test_width_beyond_n_features(tmp_path):
     path = tmp_path / "f.txt"
-    path.write_text("1 qid:1 4:1\n")
-    with pytest.raises(InputError, match="feature index 4 beyond the expected 3"):
+    path.write_text("1 qid:1 1:1\n1 qid:1 4:1\n")
+    with pytest.raises(InputError, match=r"f.txt:2: feature index 4 beyond the declared width of 3$"):
         read_letor(path, n_features=3)
+    with pytest.raises(InputError, match=r"f.txt:2: the widest row has 4 features but 5 are expected$"):
+        read_letor(path, n_features=5, exact_width=True)
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,7 @@ class LabelItem:
     frame_key: int  # −1 stored order, else the seed of the frame permutation
     chosen: np.ndarray | None = None  # (4,) int64
     rejected: np.ndarray | None = None
+    from_source: bool | None = None  # LETOR alignment: a source-domain query (datasets/ranking/letor.py)
 
 
 @dataclass
@@ -293,6 +294,7 @@ class LabelBatch:
     frame_keys: torch.Tensor  # (B,) int64
     chosen: torch.Tensor | None = None  # (B, 4) int64
     rejected: torch.Tensor | None = None
+    from_source: torch.Tensor | None = None  # (B,) bool, LETOR alignment batches
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -335,6 +337,9 @@ def collate_labels(items: Sequence[LabelItem]) -> LabelBatch:
         frame_keys=torch.tensor([item.frame_key for item in items], dtype=torch.int64),
         chosen=torch.from_numpy(np.stack([i.chosen for i in items])) if has_comparisons else None,
         rejected=torch.from_numpy(np.stack([i.rejected for i in items])) if has_comparisons else None,
+        from_source=None
+        if items[0].from_source is None
+        else torch.tensor([i.from_source for i in items], dtype=torch.bool),
     )
 
 

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model.ranking.scorer import RUN_SETTINGS, LabelRankingConfig, join_ppo_state, split_ppo_state
+from model.ranking.scorer import (
+    RUN_SETTINGS,
+    LabelRankingConfig,
+    alignment_widths,
+    join_ppo_state,
+    split_ppo_state,
+)
 from utilities.checkpoint import (
     FORMAT_VERSION,
     check_model_state,
@@ -26,7 +32,7 @@ from utilities.run_dir import RunDir, is_rank0
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pointwise", "reward", "ppo")
+KINDS = ("pointwise", "reward", "ppo", "align")  # align: LETOR's alignment model (spec §4.5)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,8 @@ class RankingWeights:
 
 def read_ranking_weights(path: str | Path) -> RankingWeights:
     """Our checkpoint (`best.pt`/`last.pt`) or a released plain state dict (spec §7), loaded with weights_only.
-    A released file's kind follows from its keys: `actor.*`/`critic.*` PPO, `pos_emb.weight` reward."""
+    A released file's kind follows from its keys: `actor.*`/`critic.*` PPO, `pos_emb.weight` reward,
+    `text_proj3.*` LETOR's alignment model."""
     state = load_checkpoint(path)
     if "format_version" in state and "model" in state:
         kind = state.get("kind")
@@ -56,6 +63,8 @@ def read_ranking_weights(path: str | Path) -> RankingWeights:
         kind = "ppo"
     elif "pos_emb.weight" in state:
         kind = "reward"
+    elif any(k.startswith("text_proj3.") for k in state):
+        kind = "align"
     else:
         kind = "pointwise"
     return RankingWeights(kind, state, str(path))
@@ -122,7 +131,8 @@ def actor_state(weights: RankingWeights) -> dict[str, Tensor]:
     if weights.kind == "ppo":
         return split_ppo_state(weights.state, weights.source)[0]
     raise InputError(
-        f"{weights.source}: a reward-model checkpoint; a scorer (pointwise or PPO) is needed here"
+        f"{weights.source}: a {'reward-model' if weights.kind == 'reward' else 'alignment-model'} checkpoint; a "
+        "scorer (pointwise or PPO) is needed here"
     )
 
 
@@ -149,6 +159,9 @@ def export_ranking(cfg: Config, run: RunDir) -> None:
     sizes = model_sizes(cfg, weights)
     with torch.device("meta"):  # checks the layout against the sizes without allocating the model
         models = {"pointwise": sizes.build_scorer, "reward": sizes.build_reward_model}
+        if weights.kind == "align":
+            widths = alignment_widths(weights.state, weights.source)
+            models["align"] = lambda: sizes.build_alignment_model(**widths)
         if weights.kind == "ppo":
             actor, critic = split_ppo_state(weights.state, weights.source)
             check_model_state(sizes.build_scorer(), actor, f"{weights.source} (actor)")

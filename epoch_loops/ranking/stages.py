@@ -39,6 +39,7 @@ from datasets.ranking.lrmovienet import (
     read_clip_list,
 )
 from epoch_loops.ranking.checkpoints import (
+    RankingWeights,
     actor_state,
     load_weights,
     model_sizes,
@@ -359,6 +360,17 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     return train_supervised(cfg, run, stage)
 
 
+def load_trunk(model: RewardModel, weights: RankingWeights) -> None:
+    """Start a reward model's trunk from a scorer's weights; its own slot embedding, XiT and head stay new."""
+    trunk = {k: v for k, v in actor_state(weights).items() if not k.startswith("head.")}
+    own = {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.startswith(tuple(f"{n}." for n in ("pos_emb", "xitt", "head")))
+    }
+    load_weights(model, {**trunk, **own}, weights.source)
+
+
 def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 2: the reward model on preference pairs (`--train_path` the pair file); pair accuracy on
     comparisons drawn from the graded dev/test clips (spec §3.3). `--pretrained_model_path` (a scorer) starts
@@ -370,13 +382,7 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     sizes, weights = starting_sizes(cfg)
     model = sizes.build_reward_model()
     if weights is not None:
-        trunk = {k: v for k, v in actor_state(weights).items() if not k.startswith("head.")}
-        own = {
-            k: v
-            for k, v in model.state_dict().items()
-            if k.startswith(tuple(f"{n}." for n in ("pos_emb", "xitt", "head")))
-        }
-        load_weights(model, {**trunk, **own}, weights.source)
+        load_trunk(model, weights)
     model.to(cfg.device)
     print_trainable(model)
     features = open_features(cfg)

@@ -30,6 +30,7 @@ from utilities.config import settings_for
 from utilities.errors import InputError
 
 ScorerHead = Literal["flattened", "pooled"]
+Inputs = Literal["clips", "vectors"]
 
 
 class Mlp(nn.Module):
@@ -180,6 +181,7 @@ class FusionTrunk(nn.Module):
         xit_dropout: float = 0.1,
         compat_xit_attention: bool = False,
         scorer_head: ScorerHead = "flattened",
+        inputs: Inputs = "clips",
     ):
         super().__init__()
         if scorer_head not in ("flattened", "pooled"):
@@ -187,8 +189,14 @@ class FusionTrunk(nn.Module):
         self.seq_length, self.max_imgs, self.scorer_head = seq_length, max_imgs, scorer_head
         self.visual_feat_dim, self.text_feat_dim = visual_feat_dim, text_feat_dim
         self.feedforward_size, self.xit_heads, self.xit_dropout = feedforward_size, xit_heads, xit_dropout
-        self.compat_xit_attention = compat_xit_attention
+        self.compat_xit_attention, self.inputs = compat_xit_attention, inputs
         d = visual_feat_dim
+        if (
+            inputs == "vectors"
+        ):  # LETOR (spec §4.5): each document vector is a 1-token sequence, no input MLPs
+            self.xit = XiT(d, xit_heads, feedforward_size, xit_dropout, compat_xit_attention)
+            self.out_layer = Mlp(2 * d, feedforward_size, d)
+            return
         self.text_proj = Mlp(text_feat_dim, feedforward_size, d)
         self.img_proj = Mlp(visual_feat_dim, feedforward_size, d)
         self.xit = XiT(d, xit_heads, feedforward_size, xit_dropout, compat_xit_attention)
@@ -200,7 +208,10 @@ class FusionTrunk(nn.Module):
             self.out_layer = Mlp(2 * d, feedforward_size, d)
 
     def label_features(self, frames: Tensor, text: Tensor) -> Tensor:
-        """frames `[B, F, visual_feat_dim]`, text `[B, L, T, text_feat_dim]` → `[B, L, d]`."""
+        """frames `[B, F, visual_feat_dim]`, text `[B, L, T, text_feat_dim]` → `[B, L, d]`. With vectors
+        (LETOR) text is `[B, L, 1, d]` (one document per label slot) and frames are not used."""
+        if self.inputs == "vectors":
+            return self._document_features(text)
         self._check_inputs(frames, text)
         b, n_labels, n_tokens, _ = text.shape
         n_frames = frames.shape[1]
@@ -211,6 +222,17 @@ class FusionTrunk(nn.Module):
             return self.out_layer(torch.cat([self.text_pool(tokens), frame_vec], dim=-1))
         img = img.reshape(b, 1, n_frames * img.shape[-1]).expand(-1, n_labels, -1)
         return self.out_layer(torch.cat([tokens.flatten(2), img], dim=-1))
+
+    def _document_features(self, documents: Tensor) -> Tensor:
+        """`[B, L, 1, d]` → `[B, L, d]`: out_layer(concat(XiT(x, x), x)); with one key the attention's softmax is 1,
+        so each document is scored on its own."""
+        if documents.dim() != 4 or documents.shape[2] != 1 or documents.shape[3] != self.visual_feat_dim:
+            raise InputError(
+                f"expected document vectors [B, L, 1, {self.visual_feat_dim}]; got {list(documents.shape)}"
+            )
+        x = documents.flatten(0, 1)
+        z = self.xit(x, x)
+        return self.out_layer(torch.cat([z, x], dim=-1)).view(*documents.shape[:2], -1)
 
     def _check_inputs(self, frames: Tensor, text: Tensor) -> None:
         if frames.dim() != 3 or text.dim() != 4 or frames.shape[0] != text.shape[0]:
@@ -278,6 +300,45 @@ class RewardModel(FusionTrunk):
         return self.head(self.xitt(u, u)[:, -1]).squeeze(-1)
 
 
+class AlignmentModel(FusionScorer):
+    """LETOR's alignment model (spec §4.5, `pointwise_2data_trad`): one input MLP per domain, `text_proj` for the
+    target (MQ2008, 46 features) and `text_proj3` for the source (MSLR-WEB10K, 136), into the document-vector
+    scorer. Trained on both domains' labels, its input MLPs then project every row into the scorer's space."""
+
+    def __init__(self, target_feat_dim: int = 46, source_feat_dim: int = 136, **sizes: Any):
+        super().__init__(**{**sizes, "inputs": "vectors"})
+        self.target_feat_dim, self.source_feat_dim = target_feat_dim, source_feat_dim
+        self.text_proj = Mlp(target_feat_dim, self.feedforward_size, self.visual_feat_dim)
+        self.text_proj3 = Mlp(source_feat_dim, self.feedforward_size, self.visual_feat_dim)
+
+    def project(self, rows: Tensor, from_source: Tensor | None = None) -> Tensor:
+        """Raw rows `[B, L, 1, W]` (a target row in its first `target_feat_dim` columns, a source row in its first
+        `source_feat_dim`; zero-padded to the batch's width) → vectors `[B, L, 1, d]`. `from_source` `[B]` marks
+        the source-domain queries; None: all are the target's."""
+        target = self.text_proj(rows[..., : self.target_feat_dim])
+        if from_source is None:
+            return target
+        source = self.text_proj3(rows[..., : self.source_feat_dim])
+        return torch.where(from_source.view(-1, 1, 1, 1), source, target)
+
+    def forward(self, frames: Tensor, rows: Tensor, from_source: Tensor | None = None) -> Tensor:
+        return super().forward(frames, self.project(rows, from_source))
+
+
+def alignment_widths(state: Mapping[str, Tensor], source: str) -> dict[str, int]:
+    """The raw feature widths an alignment state dict takes: `target_feat_dim` (`text_proj`) and
+    `source_feat_dim` (`text_proj3`)."""
+    widths = {}
+    for name, key in (
+        ("target_feat_dim", "text_proj.fc1.weight"),
+        ("source_feat_dim", "text_proj3.fc1.weight"),
+    ):
+        if not isinstance(state.get(key), Tensor) or state[key].dim() != 2:
+            raise InputError(f"{source}: not an alignment model (no {key}; spec §4.5 key names)")
+        widths[name] = int(state[key].shape[1])
+    return widths
+
+
 @dataclass(frozen=True)
 class LabelRankingConfig:
     """The model sizes and switches; field names are the flag names (paper sizes by default). The fields in
@@ -293,17 +354,24 @@ class LabelRankingConfig:
     xit_dropout: float = 0.1
     compat_xit_attention: bool = False
     scorer_head: ScorerHead = "flattened"
+    inputs: Inputs = "clips"  # "vectors" for LETOR documents; set by --task, not a flag of its own
 
     @classmethod
     def from_config(cls, cfg: Any) -> LabelRankingConfig:
-        """Read the fields from a Config / argparse namespace; settings it lacks keep the paper defaults."""
-        return cls(**settings_for(cls, cfg))
+        """Read the fields from a Config / argparse namespace; settings it lacks keep the paper defaults.
+        `--task letor` / `letor_align` builds the document-vector variants (spec §4.5)."""
+        settings = settings_for(cls, cfg)
+        settings["inputs"] = "vectors" if str(getattr(cfg, "task", "")).startswith("letor") else "clips"
+        return cls(**settings)
 
     def build_scorer(self) -> FusionScorer:
         return FusionScorer(**asdict(self))
 
     def build_reward_model(self) -> RewardModel:
         return RewardModel(**asdict(self))
+
+    def build_alignment_model(self, target_feat_dim: int, source_feat_dim: int) -> AlignmentModel:
+        return AlignmentModel(target_feat_dim, source_feat_dim, **asdict(self))
 
 
 RUN_SETTINGS = ("xit_dropout",)
