@@ -474,8 +474,8 @@ def ensure_letor_demo(
     target_feat_dim: int = 46,
     latent_dim: int = 6,
     queries: tuple[int, int, int, int] = (80, 40, 30, 40),
-    align_target_queries: int = 8,
-    domain_shift: float = 0.6,
+    align_target_queries: int = 4,
+    domain_shift: float = 0.8,
 ) -> LetorDemoPaths:
     """Generate (once; reused when the parameters match) two LETOR datasets of the real widths and label ranges.
 

@@ -5,7 +5,8 @@ and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pr
 `--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning.train`; this path, and
 only this one, imports torch).
 `--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k against the gold
-clip list `--test_path` when given (its reader imports torch), else with the file's own targets; prints where the
+clip list `--test_path` when given (its reader imports torch; a LETOR svmlight file, `.txt`, gives each qid's labels
+in file order: the predictions' ids are its qids), else with the file's own targets; prints where the
 targets came from and the metrics; with `--pretrained_model_path` it scores a checkpoint on `--test_path` instead
 (epoch_loops/ranking/stages.py).
 """
@@ -44,7 +45,13 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
             "with --features_h5 and --test_path"
         )
     predictions = read_predictions(cfg.ranking_predictions)
-    if cfg.test_path:
+    if cfg.test_path and Path(cfg.test_path).suffix != ".json":  # LETOR svmlight: qid → labels in file order
+        from datasets.ranking.letor import read_letor
+
+        gold = {query.qid: query.labels.tolist() for query in read_letor(cfg.test_path)}
+        predictions = match_gold(predictions, gold, cfg.ranking_predictions, cfg.test_path)
+        targets = f"the labels of {cfg.test_path}"
+    elif cfg.test_path:
         from datasets.ranking.lrmovienet import read_clip_list
 
         gold = {clip.id: clip.targets for clip in read_clip_list(cfg.test_path).clips}

@@ -260,3 +260,61 @@ def test_lightgbm_lambdarank_on_real_mq2008_rows(shared_data):
     )
     assert official["NDCG@10"] > chance + 0.1
     assert lightgbm_ndcg(a, b, seed=0)["NDCG@10"] > official["NDCG@10"]  # the original's rule: empty counts 1
+
+
+def test_eval_ranking_scores_letor_predictions_against_the_svmlight_labels(tmp_path, capsys):
+    write_split(tmp_path / "test.txt", [(2, 8, [0.1]), (0, 8, [0.2]), (1, 5, [0.3]), (0, 5, [0.4])])
+    predictions = [
+        {"id": "8", "scores": [0.1, 0.9], "targets": [2, 0]},
+        {"id": 5, "scores": [3, 1], "targets": [1, 0]},
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(predictions))
+    argv = ["--procedure", "eval", "--task", "ranking", "--ranking_predictions", str(tmp_path / "p.json")]
+    argv += ["--test_path", str(tmp_path / "test.txt"), "--metrics_out", str(tmp_path / "m.json")]
+    assert main([*argv, "--log_dir", str(tmp_path / "log")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["NDCG@1"] == pytest.approx(0.5) and metrics["clips"] == 2  # query 8 ranked wrong, 5 right
+    assert metrics["NDCG@all"] == pytest.approx((3 / np.log2(3) / 3 + 1) / 2)
+    predictions[1]["targets"] = [0, 1]
+    (tmp_path / "p.json").write_text(json.dumps(predictions))
+    assert main([*argv, "--log_dir", str(tmp_path / "log2")]) == 2
+    assert "clip 5: targets [0, 1] disagree with [1, 0]" in capsys.readouterr().err
+
+
+def test_export_turns_a_released_alignment_model_into_ours_and_back(tmp_path):
+    align, _ = released_models()
+    torch.save(align.state_dict(), tmp_path / "ALIGN.bin")
+    small = ["--visual_feat_dim", "8", "--feedforward_size", "16", "--xit_heads", "2", "--device", "cpu"]
+    for source, target, layout in (("ALIGN.bin", "ours.pt", "ours"), ("ours.pt", "again.bin", "released")):
+        argv = [
+            "--procedure",
+            "export_ranking",
+            "--task",
+            "letor",
+            "--pretrained_model_path",
+            str(tmp_path / source),
+        ]
+        argv += ["--export_path", str(tmp_path / target), "--export_format", layout, *small]
+        assert main([*argv, "--log_dir", str(tmp_path / f"log_{layout}")]) == 0
+    ours = torch.load(tmp_path / "ours.pt", weights_only=True)
+    assert ours["kind"] == "align" and ours["config"]["compat_xit_attention"] is True
+    again = torch.load(tmp_path / "again.bin", weights_only=True)
+    assert again.keys() == align.state_dict().keys()
+    assert all(torch.equal(again[k], v) for k, v in align.state_dict().items())
+
+
+@pytest.mark.slow
+def test_letor_demo_part(tmp_path):
+    from epoch_loops.ranking.demo import letor_demo
+    from main import build_parser
+    from utilities.config import config_from_argv
+    from utilities.run_dir import RunDir
+
+    argv = ["--procedure", "demo", "--device", "cpu", "--no-progress", "--demo_dir", str(tmp_path / "demo")]
+    cfg = config_from_argv(build_parser(), argv)
+    metrics = letor_demo(cfg, RunDir(tmp_path / "run", cfg))
+    assert list(metrics) == ["letor/pointwise", "letor/ppo_lr2ppo", "letor/ppo_clip", "letor/lightgbm_target"]
+    assert all(list(m) == ["NDCG@10", "NDCG@all"] for m in metrics.values())
+    before = metrics["letor/pointwise"]["NDCG@all"]
+    assert metrics["letor/ppo_lr2ppo"]["NDCG@all"] > before and metrics["letor/ppo_clip"]["NDCG@all"] > before
+    assert metrics["letor/lightgbm_target"]["NDCG@all"] > before + 0.03  # the source-trained ranker is worse
