@@ -73,11 +73,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def procedure_of(cfg: Config) -> Procedure:
+    return TASK_PROCEDURES.get((cfg.procedure, getattr(cfg, "task", None)), PROCEDURES[cfg.procedure])
+
+
 def run_procedure(cfg: Config) -> int:
     """Decide the run directory (config.json records the settings as given, e.g. `--device auto`), resolve the
     device, seed, then run the procedure; the directory appears with the run's first write."""
     setup_logging(progress=cfg.progress)
-    spec = TASK_PROCEDURES.get((cfg.procedure, getattr(cfg, "task", None)), PROCEDURES[cfg.procedure])
+    spec = procedure_of(cfg)
     if cfg.resume:
         if not spec.trains:
             raise InputError(
@@ -86,6 +90,7 @@ def run_procedure(cfg: Config) -> int:
         from epoch_loops.training import restore_settings
 
         restore_settings(cfg)
+        spec = procedure_of(cfg)  # with the run's --task
     with RunDir.open(cfg) as run:
         if spec.uses_torch:
             cfg.device = resolve_device(cfg.device)

@@ -216,6 +216,19 @@ def test_stages_run_from_main_on_generated_folds(tmp_path):
         return str(tmp_path / "log" / procedure / name / "checkpoints" / "best.pt")
 
     stage("pointwise", "letor_align", "align", "--limit_rows", "50")
+    last = tmp_path / "log" / "pointwise" / "align" / "checkpoints" / "last.pt"
+    resumed = [
+        "--procedure",
+        "pointwise",
+        "--resume",
+        str(last),
+        "--metrics_out",
+        str(tmp_path / "resumed.json"),
+    ]
+    assert main([*resumed, "--device", "cpu"]) == 0  # the saved --task letor_align is the run's
+    assert json.loads((tmp_path / "resumed.json").read_text()) == json.loads(
+        (tmp_path / "align.json").read_text()
+    )
     aligned = ["--alignment_model_path", best("pointwise", "align")]
     first = stage("pointwise", "letor", "first", *aligned)
     assert first["test"]["clips"] == 3  # the target's test queries, reported

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from datasets.ranking.lrmovienet import STORED_ORDER, Clip, ClipList, LabelBatch, LabelItem, collate_labels
 from utilities.errors import InputError
-from utilities.files import atomic_path
+from utilities.files import atomic_path, not_utf8
 from utilities.seeding import Stream, stream_seed
 
 SPLITS = ("train", "vali", "test")
@@ -89,8 +89,8 @@ def read_letor(
                 rows += 1
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte offset {e.start} of a line)") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     if current is None:
         raise InputError(f"{path}: no rows")
     queries.append(_query(*current))
