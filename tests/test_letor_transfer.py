@@ -331,3 +331,52 @@ def test_letor_demo_part(tmp_path):
     before = metrics["letor/pointwise"]["NDCG@all"]
     assert metrics["letor/ppo_lr2ppo"]["NDCG@all"] > before and metrics["letor/ppo_clip"]["NDCG@all"] > before
     assert metrics["letor/lightgbm_target"]["NDCG@all"] > before + 0.03  # the source-trained ranker is worse
+
+
+def test_real_mq2008_rows_as_the_target_through_alignment_pointwise_and_eval(shared_data, tmp_path):
+    """The real rows as the target's folds (a: train, b: vali | test by query), a generated WEB10K look-alike as
+    the source: alignment, pointwise and the pinned eval run on real data and keep every document."""
+    demo = ensure_letor_demo(tmp_path / "demo", queries=(6, 4, 3, 3), align_target_queries=3)
+    lines = (shared_data / "letor" / "mq2008_sample_b.txt").read_text().splitlines()
+    qids = list(dict.fromkeys(line.split()[1] for line in lines))
+    vali = [line for line in lines if line.split()[1] in qids[:18]]
+    test = [line for line in lines if line.split()[1] in qids[18:]]
+    for fold in ("Fold1", "Fold2"):
+        folder = tmp_path / "MQ2008" / fold
+        folder.mkdir(parents=True)
+        (folder / "train.txt").write_text((shared_data / "letor" / "mq2008_sample_a.txt").read_text())
+        (folder / "vali.txt").write_text("\n".join(vali) + "\n")
+        (folder / "test.txt").write_text("\n".join(test) + "\n")
+    common = [*SMALL, "--source_dir", str(demo.source_dir), "--target_dir", str(tmp_path / "MQ2008")]
+    common += [
+        "--letor_cache_dir",
+        str(tmp_path / "cache"),
+        "--log_dir",
+        str(tmp_path / "log"),
+        "--epochs_num",
+        "1",
+    ]
+    common += ["--batch_size", "8", "--report_steps", "5"]
+    out = {name: tmp_path / f"{name}.json" for name in ("align", "first", "M", "C")}
+    assert main(["--procedure", "pointwise", "--task", "letor_align", "--exp_name", "align", *common]) == 0
+    align = [
+        "--alignment_model_path",
+        str(tmp_path / "log" / "pointwise" / "align" / "checkpoints" / "best.pt"),
+    ]
+    argv = ["--procedure", "pointwise", "--task", "letor", "--exp_name", "first", *common, *align]
+    assert main([*argv, "--metrics_out", str(out["first"])]) == 0
+    reported = json.loads(out["first"].read_text())["test"]
+    assert reported["clips"] == len(qids) - 18
+    scorer = str(tmp_path / "log" / "pointwise" / "first" / "checkpoints" / "best.pt")
+    argv = ["--procedure", "eval", "--task", "letor", *align, "--pretrained_model_path", scorer, *SMALL]
+    argv += [
+        "--target_test_path",
+        str(tmp_path / "MQ2008" / "Fold1" / "test.txt"),
+        "--log_dir",
+        str(tmp_path / "l"),
+    ]
+    assert main([*argv, "--metrics_out", str(out["M"]), "--cases_out", str(out["C"])]) == 0
+    cases = json.loads(out["C"].read_text())
+    assert [c["qid"] for c in cases] == [q[4:] for q in qids[18:]]
+    assert sum(len(c["scores"]) for c in cases) == len(test)  # every document of every query, once
+    assert json.loads(out["M"].read_text())["NDCG@all"] == pytest.approx(reported["NDCG@all"])
