@@ -329,6 +329,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictions_out", default=None, help='predict: write [{"start", "end", "sentence"}, ...] here'
     )
 
+    proposals = parser.add_argument_group("proposals (train_prop, predict and eval without timestamps)")
+    proposals.add_argument(
+        "--prop_generator_model_path",
+        default=None,
+        help="a proposal generator checkpoint, best_prop_model.pt (ours or BMT's)",
+    )
+    proposals.add_argument(
+        "--proposals_only",
+        action=BoolFlag,
+        default=False,
+        help='predict: write the proposals [{"start", "end", "proposal_score"}] without captioning them',
+    )
+    proposals.add_argument(
+        "--nms_tiou_thresh",
+        type=tiou,
+        default=None,
+        help="drop a proposal whose tIoU with a better-scored kept one reaches this (off by default)",
+    )
+    proposals.add_argument(
+        "--pretrained_cap_model_path",
+        default=None,
+        help="train_prop: BMT's best_cap_model.pt to take the encoder from (else --rl_pretrained_model_dir)",
+    )
+    proposals.add_argument(
+        "--finetune_cap_encoder",
+        action=BoolFlag,
+        default=False,
+        help="train_prop: train the captioning encoder too (frozen by default)",
+    )
+
     critic = parser.add_argument_group("segment critic (train_critic)")
     critic.add_argument(
         "--critic_out",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from datasets.captioning.proposals import PAD_ROWS
 from epoch_loops.captioning.agent_files import load_agents
 from model.captioning.proposals import (
     MODALITIES,
-    PAD_ROWS,
     STRIDES,
     ProposalConfig,
     ProposalGenerator,

@@ -6,11 +6,10 @@ Module and parameter names follow BMT's `MultimodalProposalGenerator` (`encoder.
 `detection_layers_A.i.conv_layers.{0,3,6}`, ...), so its released `best_prop_model.pt` loads strictly. Note the
 stream order of BMT's encoder: M1 = audio, M2 = video (BMHRL's agent has M1 = video).
 
-Whole videos are padded at the end to `PAD_ROWS` (300 video / 800 audio rows, as the original) and the padded
-cells are decoded too: they propose segments like the real ones (most are then clipped away by the duration).
-A longer video, which the original rejects, is padded to its own length instead, so its grid covers every row;
-`decode` takes each video's own number of cells, so a shorter video in the same batch keeps exactly the
-original's 300/800 cells and its results.
+Whole videos come padded at the end (datasets/captioning/proposals.py: 300 video / 800 audio rows as the
+original, or a longer video's own length) and the padded cells are decoded too: they propose segments like the
+real ones (most are then clipped away by the duration). `decode` takes each video's own number of cells, so a
+shorter video batched with a longer one keeps exactly the original's 300/800 cells and its results.
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from model.blocks import LayerStack, PositionalEncoder
 from model.captioning.bimodal_encoder import BiModalEncoderLayer
 
 MODALITIES = ("audio", "video")  # the original's flat order: every audio head, then every video head
-STRIDES = {"audio": 0.96, "video": 64 / 25}  # seconds per feature row (cell)
-PAD_ROWS = {"audio": 800, "video": 300}  # the original's `pad_feats_up_to`
-PAD_VALUE = 1.0  # the value padded rows hold (rgb and audio padded with pad_idx 1, flow with 0: V = 1)
+STRIDES = {"audio": 0.96, "video": 64 / 25}  # seconds per feature row (cell), as datasets.features.STRIDE_S
 KERNEL_SIZES = {
     "audio": (5, 13, 23, 35, 51, 69, 91, 121, 161, 211),
     "video": (1, 5, 9, 13, 19, 25, 35, 45, 61, 79),
@@ -141,7 +138,7 @@ class ProposalGenerator(nn.Module):
         return list(self.encoder.parameters())
 
     def forward(self, video, video_mask, audio, audio_mask) -> list[HeadOutput]:
-        """`video` (B, Sv, d_vid), `audio` (B, Sa, d_aud), padded (`pad_rows`); masks (B, 1, S), True = real row
+        """`video` (B, Sv, d_vid), `audio` (B, Sa, d_aud), padded whole videos; masks (B, 1, S), True = real row
         (they mask attention keys only: padded rows are encoded and decoded too, as in the original)."""
         Av, Va = self.encoder(self.pos_enc_A(audio), self.pos_enc_V(video), audio_mask, video_mask)
         outputs = []
@@ -151,15 +148,10 @@ class ProposalGenerator(nn.Module):
         return outputs
 
 
-def pad_rows(n_rows: int, modality: str) -> int:
-    """Rows a whole video is padded to: the original's 300/800, or the video's own length when longer."""
-    return max(PAD_ROWS[modality], n_rows)
-
-
 def decode(outputs: Sequence[HeadOutput], n_cells: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, P, 3) proposals (start, end, score) of every head, cell and anchor, in the original's flat order
     (heads in order, anchor-major within a head): centre = (σ(t_c) + cell)·s, length = (anchor/s)·exp(t_l)·s.
-    `n_cells[modality]` (B,): cells of each video to keep (`pad_rows`); cells beyond get score −1, which
+    `n_cells[modality]` (B,): cells of each video to keep (its padded length); cells beyond get score −1, which
     `select_proposals` never keeps. None: every cell counts."""
     decoded = []
     for out in outputs:
