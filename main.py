@@ -352,6 +352,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train_prop: BMT's best_cap_model.pt to take the encoder from (else --rl_pretrained_model_dir)",
     )
+    proposals.add_argument("--prop_lr", type=positive_float, default=5e-5, help="train_prop: Adam lr")
+    for modality, anchors, kernels in (
+        ("audio", 48, [5, 13, 23, 35, 51, 69, 91, 121, 161, 211]),
+        ("video", 128, [1, 5, 9, 13, 19, 25, 35, 45, 61, 79]),
+    ):
+        proposals.add_argument(
+            f"--anchors_num_{modality}",
+            type=positive_int,
+            default=anchors,
+            help=f"train_prop: {modality} anchors (k-means centres of the training segment lengths)",
+        )
+        proposals.add_argument(
+            f"--kernel_sizes_{modality}",
+            type=positive_int,
+            nargs="+",
+            default=kernels,
+            help=f"train_prop: one {modality} head per (odd) kernel size",
+        )
+        proposals.add_argument(
+            f"--conv_layers_{modality}",
+            type=positive_int,
+            nargs="+",
+            default=[512, 512],
+            help=f"train_prop: hidden widths of each {modality} head",
+        )
+    proposals.add_argument(
+        "--noobj_coeff", type=non_negative_float, default=100.0, help="train_prop: no-object BCE weight"
+    )
+    proposals.add_argument(
+        "--obj_coeff", type=non_negative_float, default=1.0, help="train_prop: object BCE weight"
+    )
     proposals.add_argument(
         "--finetune_cap_encoder",
         action=BoolFlag,

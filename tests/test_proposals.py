@@ -40,7 +40,8 @@ SMALL = ProposalConfig(
     N=1,
     d_ff_vid=32,
     d_ff_aud=16,
-    conv_layers=(8, 8),
+    conv_layers_audio=(8, 8),
+    conv_layers_video=(8, 8),
     kernel_sizes_audio=(1, 3),
     kernel_sizes_video=(1, 5),
     anchors={"audio": (1.0, 3.0, 9.0), "video": (2.0, 5.0, 20.0, 60.0)},
@@ -254,3 +255,17 @@ def test_a_checkpoint_of_another_model_is_one_line(tmp_path):
     with pytest.raises(InputError, match="does not fit") as e:
         load_proposal_generator(path)
     assert "\n" not in str(e.value)
+
+
+def test_detection_half_of_the_evaluator_by_hand():
+    """P/R at tIoU > t, F1 per tIoU, and the F1 of the mean P and R (no Java needed)."""
+    from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
+
+    reference = {"v": {"duration": 10, "timestamps": [[0, 4], [5, 10]], "sentences": ["a", "b"]}}
+    proposals = {"v": [{"sentence": "", "timestamp": t} for t in ([0, 4], [0, 10], [6, 10])]}
+    with DenseCaptioningEvaluator([reference], tious=(0.3, 0.5, 0.9), detection_only=True) as evaluator:
+        metrics = evaluator.detection(proposals)
+    assert metrics["0.3"] == pytest.approx({"Precision": 1.0, "Recall": 1.0, "F1": 1.0})
+    assert metrics["0.5"] == pytest.approx({"Precision": 2 / 3, "Recall": 1.0, "F1": 0.8})
+    assert metrics["0.9"] == pytest.approx({"Precision": 1 / 3, "Recall": 0.5, "F1": 0.4})
+    assert metrics[AVERAGE_KEY] == pytest.approx({"Precision": 2 / 3, "Recall": 5 / 6, "F1": 20 / 27})

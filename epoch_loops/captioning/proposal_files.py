@@ -90,9 +90,6 @@ def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], sourc
             given = stored.get(name, table)
             if any(abs(float(given[m]) - table[m]) > 1e-6 for m in MODALITIES):
                 raise InputError(f"{source}: config {name} = {given} differs from the original's {table}")
-        hidden = {m: tuple(int(w) for w in stored[f"conv_layers_{m}"]) for m in MODALITIES}
-        if hidden["audio"] != hidden["video"]:
-            raise InputError(f"{source}: audio and video heads of different widths are not supported")
         return ProposalConfig(
             d_vid=int(stored["d_model_video"]),
             d_aud=int(stored["d_model_audio"]),
@@ -102,7 +99,8 @@ def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], sourc
             d_ff_vid=int(stored["d_ff_video"]),
             d_ff_aud=int(stored["d_ff_audio"]),
             dout_p=float(stored.get("dout_p", 0.1)),
-            conv_layers=hidden["audio"],
+            conv_layers_audio=tuple(int(w) for w in stored["conv_layers_audio"]),
+            conv_layers_video=tuple(int(w) for w in stored["conv_layers_video"]),
             kernel_sizes_audio=tuple(int(k) for k in stored["kernel_sizes"]["audio"]),
             kernel_sizes_video=tuple(int(k) for k in stored["kernel_sizes"]["video"]),
             obj_coeff=float(stored.get("obj_coeff", 1)),
@@ -129,8 +127,8 @@ def stored_config(cfg: ProposalConfig, **extra: Any) -> dict[str, Any]:
         "d_ff_video": cfg.d_ff_vid,
         "d_ff_audio": cfg.d_ff_aud,
         "dout_p": cfg.dout_p,
-        "conv_layers_audio": list(cfg.conv_layers),
-        "conv_layers_video": list(cfg.conv_layers),
+        "conv_layers_audio": list(cfg.conv_layers_audio),
+        "conv_layers_video": list(cfg.conv_layers_video),
         "kernel_sizes": {"audio": list(cfg.kernel_sizes_audio), "video": list(cfg.kernel_sizes_video)},
         "anchors_num_audio": len(cfg.anchors["audio"]),
         "anchors_num_video": len(cfg.anchors["video"]),

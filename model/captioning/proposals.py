@@ -48,7 +48,8 @@ class ProposalConfig:
     d_ff_vid: int = 4096
     d_ff_aud: int = 512
     dout_p: float = 0.1
-    conv_layers: tuple[int, ...] = (512, 512)  # hidden channels of every head (conv_layers_audio/_video)
+    conv_layers_audio: tuple[int, ...] = (512, 512)  # hidden channels of the audio heads
+    conv_layers_video: tuple[int, ...] = (512, 512)
     kernel_sizes_audio: tuple[int, ...] = KERNEL_SIZES["audio"]
     kernel_sizes_video: tuple[int, ...] = KERNEL_SIZES["video"]
     obj_coeff: float = 1.0
@@ -57,6 +58,9 @@ class ProposalConfig:
 
     def kernel_sizes(self, modality: str) -> tuple[int, ...]:
         return self.kernel_sizes_audio if modality == "audio" else self.kernel_sizes_video
+
+    def hidden(self, modality: str) -> tuple[int, ...]:
+        return self.conv_layers_audio if modality == "audio" else self.conv_layers_video
 
 
 class BMTBiModalEncoder(nn.Module):
@@ -130,7 +134,7 @@ class ProposalGenerator(nn.Module):
     def _heads(self, modality: str, d_in: int) -> nn.ModuleList:
         n = len(self.cfg.anchors[modality])
         return nn.ModuleList(
-            ProposalHead(d_in, self.cfg.conv_layers, k, n, self.cfg.dout_p)
+            ProposalHead(d_in, self.cfg.hidden(modality), k, n, self.cfg.dout_p)
             for k in self.cfg.kernel_sizes(modality)
         )
 

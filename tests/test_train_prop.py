@@ -1,0 +1,122 @@
+"""`--procedure train_prop` on the demo data: the frozen encoder stays bit-identical, best_prop_model.pt reloads to
+the same proposals, validation reuses the official evaluator's detection half, and --resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.captioning.activitynet import open_stores, read_captions_csv
+from datasets.captioning.proposals import VideoDataset, videos_of
+from datasets.demo import ensure_demo_dataset
+from epoch_loops.captioning.proposal_files import load_bmt_file, load_proposal_generator
+from epoch_loops.captioning.proposals import propose
+from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
+from main import build_parser, main
+from tests.test_captioning import sample_checkpoint
+from utilities.checkpoint import load_checkpoint
+from utilities.config import config_from_argv
+
+SMALL_HEADS = ["--anchors_num_audio", "4", "--anchors_num_video", "6", "--kernel_sizes_audio", "5", "13",
+               "--kernel_sizes_video", "1", "5", "--conv_layers_audio", "32", "32", "--conv_layers_video", "32", "32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("train_prop")
+    demo = ensure_demo_dataset(root / "demo", seed=0, n_train=32, n_val=8)
+    sample_checkpoint(root / "agent")
+    o = demo.config_overrides()
+    argv = [
+        "--procedure", "train_prop", "--rl_pretrained_model_dir", str(root / "agent"),
+        "--train_meta_path", o["train_meta_path"], "--val_1_meta_path", o["val_1_meta_path"],
+        "--video_features_path", o["video_features_path"], "--audio_features_path", o["audio_features_path"],
+        "--reference_paths", *o["reference_paths"], "--B", "8", "--prop_lr", "1e-3", "--device", "cpu",
+        "--log_dir", str(root / "log"), *SMALL_HEADS,
+    ]  # fmt: skip
+    return root, argv
+
+
+@pytest.fixture(scope="module")
+def three_epochs(setup) -> Path:
+    root, argv = setup
+    assert main([*argv, "--epoch_num", "3", "--exp_name", "full"]) == 0
+    return root / "log" / "train_prop" / "full"
+
+
+def agent_encoder(root: Path) -> dict[str, torch.Tensor]:
+    """The agent's encoder in BMT's names (its M1 = video is the generator's M2)."""
+    state = load_checkpoint(root / "agent" / "bm_hrl_agent.pt")
+    swap = {"M1": "M2", "M2": "M1"}
+    out = {}
+    for key, value in state.items():
+        if key.startswith("bm_enc.encoder.layers."):
+            parts = key.split(".")
+            stem, _, stream = parts[4].rpartition("_")
+            parts[4] = f"{stem}_{swap[stream]}"
+            out["encoder.encoder_AV." + ".".join(parts[2:])] = value
+    return out
+
+
+def test_frozen_encoder_is_bit_identical_and_the_heads_learn(setup, three_epochs):
+    root, _ = setup
+    best = load_bmt_file(three_epochs / "checkpoints" / "best_prop_model.pt")
+    assert list(best) == [
+        "config", "epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "anchors",
+        "val_anet_metrics", "best_metric",
+    ]  # fmt: skip
+    encoder = agent_encoder(root)
+    assert len(encoder) == sum(k.startswith("encoder.") for k in best["model_state_dict"])
+    for key, value in encoder.items():
+        assert torch.equal(best["model_state_dict"][key], value), key
+    assert len(best["anchors"]["audio"]) == 4 and len(best["anchors"]["video"]) == 6
+    metrics = json.loads((three_epochs / "metrics.json").read_text())
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    assert losses[-1] < 0.5 * losses[0]
+    assert best["best_metric"] == metrics["best"]["val_1"][AVERAGE_KEY]["F1"] > 0
+
+
+def test_best_checkpoint_reloads_to_the_proposals_of_its_epoch(setup, three_epochs):
+    _, argv = setup
+    best = load_bmt_file(three_epochs / "checkpoints" / "best_prop_model.pt")
+    written = json.loads((three_epochs / f"prop_results_val_1_e{best['epoch']}_maxprop100.json").read_text())
+    model, _ = load_proposal_generator(three_epochs / "checkpoints" / "best_prop_model.pt")
+    cfg = config_from_argv(build_parser(), argv)
+    cfg.device = "cpu"
+    stores = open_stores(cfg)
+    val = VideoDataset(videos_of(read_captions_csv(cfg.val_1_meta_path).segments), stores)
+    assert propose(model, val, cfg) == written["results"]
+    # the validation numbers are the official evaluator's detection half on that file
+    with DenseCaptioningEvaluator(cfg.reference_paths, detection_only=True) as evaluator:
+        assert evaluator.detection(written["results"]) == best["val_anet_metrics"]
+
+
+def test_resume_continues_exactly(setup, three_epochs):
+    root, argv = setup
+    assert main([*argv, "--epoch_num", "2", "--exp_name", "part"]) == 0
+    last = root / "log" / "train_prop" / "part" / "checkpoints" / "train_prop_last.pt"
+    assert main([*argv, "--epoch_num", "3", "--resume", str(last)]) == 0
+    full = load_checkpoint(three_epochs / "checkpoints" / "train_prop_last.pt")
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == full["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert resumed["metrics"] == full["metrics"]
+
+
+def test_finetuning_moves_the_encoder(setup):
+    root, argv = setup
+    assert main([*argv, "--epoch_num", "1", "--exp_name", "tuned", "--finetune_cap_encoder"]) == 0
+    best = load_bmt_file(root / "log" / "train_prop" / "tuned" / "checkpoints" / "best_prop_model.pt")
+    encoder = agent_encoder(root)
+    assert any(not torch.equal(best["model_state_dict"][k], v) for k, v in encoder.items())
+
+
+def test_bad_settings_are_one_line(setup, capsys):
+    _, argv = setup
+    assert main([*argv, "--kernel_sizes_audio", "4", "--dry_run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--kernel_sizes_audio" in err and len(err.splitlines()) == 1
