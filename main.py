@@ -423,9 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument(
-        "--task", default="captioning", choices=["captioning", "ranking"], help="eval: what to evaluate"
+        "--task",
+        default="captioning",
+        choices=["captioning", "proposals", "ranking"],
+        help="eval: what to evaluate",
     )
     evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
+    evaluation.add_argument(
+        "--proposals", default=None, help='eval: a proposal file (BMT\'s format, {"results": {vid: [...]}})'
+    )
     evaluation.add_argument(
         "--reference_paths",
         nargs="+",

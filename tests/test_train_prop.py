@@ -16,6 +16,7 @@ from epoch_loops.captioning.proposal_files import load_bmt_file, load_proposal_g
 from epoch_loops.captioning.proposals import propose
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
 from main import build_parser, main
+from tests.conftest import requires_java
 from tests.test_captioning import sample_checkpoint
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
@@ -107,6 +108,7 @@ def test_resume_continues_exactly(setup, three_epochs):
     assert resumed["metrics"] == full["metrics"]
 
 
+@pytest.mark.slow
 def test_finetuning_moves_the_encoder(setup):
     root, argv = setup
     assert main([*argv, "--epoch_num", "1", "--exp_name", "tuned", "--finetune_cap_encoder"]) == 0
@@ -120,3 +122,57 @@ def test_bad_settings_are_one_line(setup, capsys):
     assert main([*argv, "--kernel_sizes_audio", "4", "--dry_run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--kernel_sizes_audio" in err and len(err.splitlines()) == 1
+
+
+def eval_argv(setup, *extra: str) -> list[str]:
+    root, argv = setup
+    data = argv[argv.index("--train_meta_path") :]
+    return ["--procedure", "eval", *data, "--log_dir", str(root / "log"), *extra]
+
+
+def test_eval_proposals_from_the_file_and_from_the_model_agree(setup, three_epochs, tmp_path):
+    best = three_epochs / "checkpoints" / "best_prop_model.pt"
+    epoch = load_bmt_file(best)["epoch"]
+    file = three_epochs / f"prop_results_val_1_e{epoch}_maxprop100.json"
+    for source in (["--proposals", str(file)], ["--prop_generator_model_path", str(best)]):
+        out = tmp_path / "m.json"
+        assert main(eval_argv(setup, "--task", "proposals", *source, "--metrics_out", str(out))) == 0
+        assert json.loads(out.read_text()) == load_bmt_file(best)["val_anet_metrics"]
+
+
+def test_eval_proposals_bad_file_is_one_line(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"v_x": [{"timestamp": [0, 1]}]}))
+    assert main(eval_argv(setup, "--task", "proposals", "--proposals", str(bad))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'results'" in err and len(err.splitlines()) == 1
+
+
+@requires_java
+def test_captioning_on_learned_proposals(setup, three_epochs, tmp_path):
+    root, _ = setup
+    epoch = load_bmt_file(three_epochs / "checkpoints" / "best_prop_model.pt")["epoch"]
+    file = three_epochs / f"prop_results_val_1_e{epoch}_maxprop100.json"
+    out = tmp_path / "m.json"
+    extra = [
+        "--rl_pretrained_model_dir",
+        str(root / "agent"),
+        "--proposals",
+        str(file),
+        "--max_prop_per_vid",
+        "3",
+    ]
+    assert (
+        main(eval_argv(setup, "--task", "captioning", *extra, "--metrics_out", str(out), "--exp_name", "cap"))
+        == 0
+    )
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"0.3", "0.5", "0.7", "0.9", AVERAGE_KEY}
+    assert {"METEOR", "SODA_c", "Precision", "Recall"} <= set(metrics[AVERAGE_KEY])
+    captions = json.loads(
+        (root / "log" / "eval" / "cap" / "captioning_results_learned_proposals.json").read_text()
+    )
+    proposals = json.loads(file.read_text())["results"]
+    assert len(captions["results"]) == len(proposals) == 8
+    for vid, rows in captions["results"].items():
+        assert [r["timestamp"] for r in rows] == [p["timestamp"] for p in proposals[vid][:3]]
