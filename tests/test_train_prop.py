@@ -10,16 +10,19 @@ import pytest
 import torch
 
 from datasets.captioning.activitynet import open_stores, read_captions_csv
-from datasets.captioning.proposals import VideoDataset, videos_of
+from datasets.captioning.proposals import Video, VideoDataset, videos_of
 from datasets.demo import ensure_demo_dataset
 from epoch_loops.captioning.proposal_files import load_bmt_file, load_proposal_generator
-from epoch_loops.captioning.proposals import propose
+from epoch_loops.captioning.proposals import propose, uniform_proposals
+from epoch_loops.demo import proposals_demo
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
 from main import build_parser, main
 from tests.conftest import requires_java
 from tests.test_captioning import sample_checkpoint
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
+from utilities.run_dir import RunDir
+from utilities.seeding import seed_everything
 
 SMALL_HEADS = ["--anchors_num_audio", "4", "--anchors_num_video", "6", "--kernel_sizes_audio", "5", "13",
                "--kernel_sizes_video", "1", "5", "--conv_layers_audio", "32", "32", "--conv_layers_video", "32", "32"]  # fmt: skip
@@ -176,3 +179,45 @@ def test_captioning_on_learned_proposals(setup, three_epochs, tmp_path):
     assert len(captions["results"]) == len(proposals) == 8
     for vid, rows in captions["results"].items():
         assert [r["timestamp"] for r in rows] == [p["timestamp"] for p in proposals[vid][:3]]
+
+
+def test_uniform_grid_by_hand():
+    videos = [Video("v", 20.0, [])]
+    results = uniform_proposals(videos, [1.0, 2.0, 4.0, 8.0, 16.0], k=5)["v"]
+    # m = ⌈√5⌉ = 3 lengths at ranks 0, 2, 4 (1, 4, 16 s) × ⌈5/3⌉ = 2 centres (5 s, 15 s), truncated to 5
+    assert [r["timestamp"] for r in results] == [
+        [4.5, 5.5],
+        [14.5, 15.5],
+        [3.0, 7.0],
+        [13.0, 17.0],
+        [0.0, 13.0],
+    ]
+    assert {r["proposal_score"] for r in results} == {1.0}
+
+
+@pytest.mark.slow
+def test_learned_proposals_beat_the_uniform_grid_over_three_seeds(tmp_path):
+    """The demo's proposal part (DEMO_PROPOSALS) on the demo data, the encoder of a random small agent."""
+    demo = ensure_demo_dataset(tmp_path / "demo")
+    sample_checkpoint(tmp_path / "agent")
+    for seed in (0, 1, 2):
+        argv = [
+            "--procedure",
+            "demo",
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            "--log_dir",
+            str(tmp_path / "log"),
+        ]
+        cfg = config_from_argv(build_parser(), [*argv, "--exp_name", f"s{seed}"])
+        for key, value in demo.config_overrides().items():
+            setattr(cfg, key, value)
+        seed_everything(seed)
+        metrics = proposals_demo(
+            cfg, RunDir(tmp_path / "log" / f"s{seed}", cfg), tmp_path / "agent", captions=False
+        )
+        learned, uniform = metrics["proposals/learned"], metrics["proposals/uniform"]
+        assert set(learned) == {"precision", "recall", "F1"}
+        assert learned["F1"] > uniform["F1"] + 0.05, (seed, learned, uniform)

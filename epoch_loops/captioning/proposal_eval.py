@@ -29,6 +29,7 @@ from epoch_loops.captioning.proposals import propose
 from epoch_loops.captioning.train import MODALITY_OF_MODE, caption_segments, submission_of
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
 from evaluation.formats import load_submission, parse_predictions
+from evaluation.meteor import Meteor
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.run_dir import RunDir
@@ -49,7 +50,7 @@ def proposal_segments(cfg: Config, results: dict, stores: dict) -> list[Segment]
     return segments
 
 
-def caption_proposals(cfg: Config, run: RunDir, results: dict) -> Report:
+def caption_proposals(cfg: Config, run: RunDir, results: dict, meteor: Meteor | None = None) -> Report:
     """Caption `results`' proposals with `--rl_pretrained_model_dir` and score them (official metrics, SODA_c)."""
     agents = load_agents(cfg, cfg.rl_pretrained_model_dir, with_value_functions=False)
     reading = Config(**{**cfg.to_dict(), "modality": MODALITY_OF_MODE[agents.agent.cfg.mode]})
@@ -63,7 +64,12 @@ def caption_proposals(cfg: Config, run: RunDir, results: dict) -> Report:
     submission = submission_of(segments, sentences)
     run.write_json("captioning_results_learned_proposals.json", submission)
     with DenseCaptioningEvaluator(
-        cfg.reference_paths, tious=cfg.tIoUs, max_proposals=cfg.max_prop_per_vid, soda=True, seed=cfg.seed
+        cfg.reference_paths,
+        tious=cfg.tIoUs,
+        max_proposals=cfg.max_prop_per_vid,
+        soda=True,
+        seed=cfg.seed,
+        meteor=meteor,
     ) as evaluator:
         return evaluator.evaluate(submission["results"], source="captions of the learned proposals")
 

@@ -19,13 +19,14 @@ fewer than K whenever some are clipped away).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from datasets.captioning.activitynet import Segment, drop_missing, open_stores, read_captions_csv
-from datasets.captioning.proposals import VideoBatch, VideoDataset, videos_of
+from datasets.captioning.proposals import Video, VideoBatch, VideoDataset, videos_of
 from epoch_loops.captioning.proposal_files import PROP_FILE, encoder_from_captioning, proposal_checkpoint
 from epoch_loops.training import Optimisation, Saver, checkpoint_state, optimiser_step, resume
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
@@ -256,3 +257,24 @@ def report_epoch(run: RunDir, record: dict, improved: bool) -> None:
         run.writer.add_scalar("train_prop/loss", record["train_loss"], record["epoch"])
         for key in ("Precision", "Recall", "F1"):
             run.writer.add_scalar(f"train_prop/val_1_{key}", avg[key], record["epoch"])
+
+
+def uniform_proposals(videos: list[Video], lengths: list[float], k: int) -> dict[str, list[dict]]:
+    """A baseline that looks at nothing but the duration: a grid of k windows per video, m = ⌈√k⌉ window
+    lengths (the anchor `lengths` at evenly spaced ranks) × ⌈k/m⌉ evenly spaced centres ((i + ½)·D/n), clipped
+    to the video; positions vary fastest, and all scores are 1 (file order is the ranking)."""
+    ranked = sorted(lengths)
+    m = min(len(ranked), math.ceil(math.sqrt(k)))
+    chosen = [ranked[int((j + 0.5) * len(ranked) / m)] for j in range(m)]
+    n = math.ceil(k / m)
+    results = {}
+    for video in videos:
+        D = video.duration
+        windows = []
+        for length in chosen:
+            for i in range(n):
+                centre = (i + 0.5) * D / n
+                start, end = max(centre - length / 2, 0.0), min(centre + length / 2, D)
+                windows.append({"sentence": "", "proposal_score": 1.0, "timestamp": [start, end]})
+        results[video.video_id] = windows[:k]
+    return results
