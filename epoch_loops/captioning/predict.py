@@ -101,7 +101,10 @@ def proposals_of_video(cfg: Config) -> list[dict[str, float]]:
 def requested_segments(cfg: Config) -> list[tuple[float, float]]:
     """(start, end) pairs from --timestamps, each inside [0, --duration] with start < end."""
     if not cfg.video_id or cfg.duration is None or not cfg.timestamps:
-        raise InputError("predict needs --video_id ID, --duration SECONDS and --timestamps S1 E1 [S2 E2 ...]")
+        raise InputError(
+            "predict needs --video_id ID, --duration SECONDS and --timestamps S1 E1 [S2 E2 ...] "
+            "(or --prop_generator_model_path M.pt to find the segments)"
+        )
     if len(cfg.timestamps) % 2:
         raise InputError(f"--timestamps: expected start/end pairs, got {len(cfg.timestamps)} numbers")
     pairs = list(zip(cfg.timestamps[::2], cfg.timestamps[1::2], strict=True))
