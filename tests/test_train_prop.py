@@ -4,6 +4,9 @@ the same proposals, validation reuses the official evaluator's detection half, a
 from __future__ import annotations
 
 import json
+import sys
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,11 +15,16 @@ import torch
 from datasets.captioning.activitynet import open_stores, read_captions_csv
 from datasets.captioning.proposals import Video, VideoDataset, videos_of
 from datasets.demo import ensure_demo_dataset
-from epoch_loops.captioning.proposal_files import load_bmt_file, load_proposal_generator
+from epoch_loops.captioning.proposal_files import (
+    encoder_from_captioning,
+    load_bmt_file,
+    load_proposal_generator,
+)
 from epoch_loops.captioning.proposals import propose, uniform_proposals
 from epoch_loops.demo import proposals_demo
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
 from main import build_parser, main
+from model.captioning.proposals import ProposalConfig, ProposalGenerator
 from tests.conftest import requires_java
 from tests.test_captioning import sample_checkpoint
 from utilities.checkpoint import load_checkpoint
@@ -221,3 +229,52 @@ def test_learned_proposals_beat_the_uniform_grid_over_three_seeds(tmp_path):
         learned, uniform = metrics["proposals/learned"], metrics["proposals/uniform"]
         assert set(learned) == {"precision", "recall", "F1"}
         assert learned["F1"] > uniform["F1"] + 0.05, (seed, learned, uniform)
+
+
+def test_agent_encoder_maps_onto_the_generator_encoder(setup):
+    """Our agent's encoder (M1 = video) under BMT's names (M1 = audio) computes the same streams."""
+    root, argv = setup
+    cfg = config_from_argv(build_parser(), argv)
+    sizes, weights = encoder_from_captioning(cfg)
+    model = ProposalGenerator(replace(sizes, anchors={"audio": (1.0,), "video": (2.0,)}))
+    model.encoder.load_state_dict(weights)
+    agent = sample_checkpoint(root / "agent_copy").agent.eval()
+    torch.manual_seed(0)
+    video, audio = torch.randn(2, 7, 1024), torch.randn(2, 11, 128)
+    v_mask = torch.ones(2, 1, 7, dtype=torch.bool)
+    a_mask = torch.arange(11)[None, None] < torch.tensor([11, 6])[:, None, None]
+    Va, Av = agent.bm_enc(video, audio, v_mask, a_mask)
+    Av2, Va2 = model.encoder.eval()(audio, video, a_mask, v_mask)
+    assert torch.equal(Va, Va2) and torch.equal(Av, Av2)
+
+
+def test_encoder_from_bmt_captioning_checkpoint(tmp_path, monkeypatch):
+    """BMT's best_cap_model.pt: a pickled Config, `module.`-prefixed keys, the encoder under encoder.encoder_AV."""
+    small = ProposalConfig(
+        d_model=16, H=2, N=1, d_ff_vid=24, d_ff_aud=12, anchors={"audio": (1.0,), "video": (2.0,)}
+    )
+    source = ProposalGenerator(small)
+    module = types.ModuleType("utilities.config_constructor")
+    Config = type("Config", (), {"__module__": "utilities.config_constructor"})
+    module.Config = Config
+    config = Config()
+    config.__dict__.update({"d_model_video": 1024, "d_model_audio": 128, "d_model": 16, "H": 2, "N": 1,
+                            "d_ff_video": 24, "d_ff_audio": 12, "device": "cuda:0"})  # fmt: skip
+    weights = {f"module.{k}": v for k, v in source.encoder.state_dict(prefix="encoder.").items()}
+    weights["module.decoder.layers.0.w"] = torch.zeros(3)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "utilities.config_constructor", module)
+        torch.save(
+            {"config": config, "model_state_dict": weights},
+            tmp_path / "cap.pt",
+            _use_new_zipfile_serialization=False,
+        )
+    cfg = config_from_argv(
+        build_parser(), ["--procedure", "train_prop", "--pretrained_cap_model_path", str(tmp_path / "cap.pt")]
+    )
+    sizes, loaded = encoder_from_captioning(cfg)
+    assert (sizes.d_model, sizes.d_ff_vid, sizes.d_ff_aud, sizes.N) == (16, 24, 12, 1)
+    target = ProposalGenerator(replace(sizes, anchors=small.anchors))
+    target.encoder.load_state_dict(loaded)
+    for key, value in source.encoder.state_dict().items():
+        assert torch.equal(target.encoder.state_dict()[key], value)
