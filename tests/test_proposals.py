@@ -67,6 +67,11 @@ def test_head_channels_are_anchor_major_triples():
     assert raw[0, 0, 2].tolist() == [0.0, 1.0, 2.0]
 
 
+def test_a_head_without_dropout_has_the_original_indices():
+    keys = ProposalHead(4, (6, 6), kernel_size=3, n_anchors=2, dout_p=0.0).state_dict().keys()
+    assert sorted({k.split(".")[1] for k in keys}) == ["0", "2", "4"]
+
+
 def test_state_dict_has_the_original_key_layout():
     keys = ProposalGenerator(SMALL).state_dict().keys()
     assert "encoder.encoder_AV.layers.0.self_att_M1.linear_Q2d.weight" in keys

@@ -84,7 +84,8 @@ class BMTBiModalEncoder(nn.Module):
 
 class ProposalHead(nn.Module):
     """`Conv1d(d→512, k, pad k//2) → Dropout → ReLU → Conv1d(512→512, 1) → Dropout → ReLU → Conv1d(512→3A, 1)`;
-    output channel c is component c % 3 (centre, log-length, objectness) of anchor c // 3."""
+    output channel c is component c % 3 (centre, log-length, objectness) of anchor c // 3. As the original, a
+    head built with dropout 0 has no Dropout modules (its convolutions are then `conv_layers.{0,2,4}`)."""
 
     def __init__(self, d_in: int, hidden: Sequence[int], kernel_size: int, n_anchors: int, dout_p: float):
         super().__init__()
@@ -92,7 +93,8 @@ class ProposalHead(nn.Module):
         widths = [d_in, *hidden]
         for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             k = kernel_size if i == 0 else 1
-            layers += [nn.Conv1d(w_in, w_out, k, padding=k // 2), nn.Dropout(dout_p), nn.ReLU()]
+            layers.append(nn.Conv1d(w_in, w_out, k, padding=k // 2))
+            layers += [nn.Dropout(dout_p), nn.ReLU()] if dout_p > 0 else [nn.ReLU()]  # the original's indices
         layers.append(nn.Conv1d(widths[-1], 3 * n_anchors, 1))
         self.conv_layers = nn.Sequential(*layers)
         self.n_anchors = n_anchors
