@@ -329,6 +329,67 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictions_out", default=None, help='predict: write [{"start", "end", "sentence"}, ...] here'
     )
 
+    proposals = parser.add_argument_group("proposals (train_prop, predict and eval without timestamps)")
+    proposals.add_argument(
+        "--prop_generator_model_path",
+        default=None,
+        help="a proposal generator checkpoint, best_prop_model.pt (ours or BMT's)",
+    )
+    proposals.add_argument(
+        "--proposals_only",
+        action=BoolFlag,
+        default=False,
+        help='predict: write the proposals [{"start", "end", "proposal_score"}] without captioning them',
+    )
+    proposals.add_argument(
+        "--nms_tiou_thresh",
+        type=tiou,
+        default=None,
+        help="drop a proposal whose tIoU with a better-scored kept one reaches this (off by default)",
+    )
+    proposals.add_argument(
+        "--pretrained_cap_model_path",
+        default=None,
+        help="train_prop: BMT's best_cap_model.pt to take the encoder from (else --rl_pretrained_model_dir)",
+    )
+    proposals.add_argument("--prop_lr", type=positive_float, default=5e-5, help="train_prop: Adam lr")
+    for modality, anchors, kernels in (
+        ("audio", 48, [5, 13, 23, 35, 51, 69, 91, 121, 161, 211]),
+        ("video", 128, [1, 5, 9, 13, 19, 25, 35, 45, 61, 79]),
+    ):
+        proposals.add_argument(
+            f"--anchors_num_{modality}",
+            type=positive_int,
+            default=anchors,
+            help=f"train_prop: {modality} anchors (k-means centres of the training segment lengths)",
+        )
+        proposals.add_argument(
+            f"--kernel_sizes_{modality}",
+            type=positive_int,
+            nargs="+",
+            default=kernels,
+            help=f"train_prop: one {modality} head per (odd) kernel size",
+        )
+        proposals.add_argument(
+            f"--conv_layers_{modality}",
+            type=positive_int,
+            nargs="+",
+            default=[512, 512],
+            help=f"train_prop: hidden widths of each {modality} head",
+        )
+    proposals.add_argument(
+        "--noobj_coeff", type=non_negative_float, default=100.0, help="train_prop: no-object BCE weight"
+    )
+    proposals.add_argument(
+        "--obj_coeff", type=non_negative_float, default=1.0, help="train_prop: object BCE weight"
+    )
+    proposals.add_argument(
+        "--finetune_cap_encoder",
+        action=BoolFlag,
+        default=False,
+        help="train_prop: train the captioning encoder too (frozen by default)",
+    )
+
     critic = parser.add_argument_group("segment critic (train_critic)")
     critic.add_argument(
         "--critic_out",
@@ -365,11 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--task",
         default="captioning",
-        choices=["captioning", "ranking", "letor", "letor_align"],
-        help="eval: what to evaluate; letor: LR2PPO's LETOR transfer experiment for pointwise, reward, ppo, eval "
-        "and data_summary; letor_align (pointwise): its alignment model",
+        choices=["captioning", "proposals", "ranking", "letor", "letor_align"],
+        help="eval: what to evaluate (proposals: detection P/R/F1 of learned proposals); letor: LR2PPO's LETOR "
+        "transfer experiment for pointwise, reward, ppo, eval and data_summary; letor_align (pointwise): its "
+        "alignment model",
     )
     evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
+    evaluation.add_argument(
+        "--proposals", default=None, help='eval: a proposal file (BMT\'s format, {"results": {vid: [...]}})'
+    )
     evaluation.add_argument(
         "--reference_paths",
         nargs="+",

@@ -11,12 +11,15 @@ protocol):
 - a nearest-neighbour retrieval baseline (the caption of the train segment whose pooled video+audio features are
   closest);
 - a most-frequent-caption baseline: its gap to the other two shows that the features carry the captions' content.
+Then the full-video pipeline (`proposals_demo`): the proposal generator trained on the warm start's encoder,
+its val_1 proposals against a uniform grid of windows at the same K, and the agent captioning its own proposals.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +30,16 @@ from datasets.captioning.activitynet import (
     open_stores,
     read_captions_csv,
 )
+from datasets.captioning.proposals import VideoDataset, videos_of
 from datasets.demo import ensure_demo_dataset
 from datasets.loader import val_loader
 from datasets.vocabulary import vocabulary_from_config
+from epoch_loops.captioning.proposal_eval import caption_proposals
+from epoch_loops.captioning.proposal_files import PROP_FILE, load_proposal_generator
+from epoch_loops.captioning.proposals import propose, train_prop, uniform_proposals
 from epoch_loops.captioning.train import submission_of, train
 from epoch_loops.ranking.demo import ranking_demo
-from evaluation.densevid import DenseCaptioningEvaluator, format_table
+from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator, format_table
 from evaluation.meteor import Meteor
 from utilities.config import Config
 from utilities.log import progress
@@ -81,6 +88,26 @@ DEMO_AGENT = {
 # repeating matched words (recall-weighted), and METEOR-trained scst made 12 of 113 val_1 captions repeat a trigram
 # (1 after the warm start). biased_kl samples under teacher forcing, where nothing can repeat: the paper's METEOR.
 # The settings were tuned on the demo's seeds 0-3 (README).
+# The proposal generator's demo configuration: train_prop on the warm start's (frozen) encoder with small heads;
+# K = 10 proposals per video (the demo's videos hold 2-4 events; BMT's 100 suits ActivityNet's longer lists).
+DEMO_PROPOSALS = {
+    "procedure": "train_prop",
+    "anchors_num_audio": 8,
+    "anchors_num_video": 8,
+    "kernel_sizes_audio": [5, 13],
+    "kernel_sizes_video": [1, 5],
+    "conv_layers_audio": [32, 32],
+    "conv_layers_video": [32, 32],
+    "prop_lr": 1e-3,
+    "B": 16,
+    "epoch_num": 6,
+    "max_prop_per_vid": 10,
+    "finetune_cap_encoder": False,
+    "pretrained_cap_model_path": None,
+    "resume": None,
+    "metrics_out": None,
+}
+
 RL_OBJECTIVES = ("biased_kl", "scst")
 DEMO_RL = {
     "biased_kl": {"rl_reward": "meteor", "rl_cap_lr": 3e-4, "epoch_num": 4},
@@ -160,6 +187,7 @@ def demo(cfg: Config, run: RunDir) -> None:
             for split in SPLITS:
                 metrics[f"{split}/rl_{objective}"] = rl_state.history[-1]["val"][split]
             metrics[f"rl_reward/{objective}"] = [r["train"]["reward"] for r in rl_state.history]
+        metrics.update(proposals_demo(cfg, run, warm_start, meteor=meteor))
     methods = (*BASELINES, "warm_start", *(f"rl_{o}" for o in RL_OBJECTIVES))
     for name in methods:
         mean_meteor = sum(metrics[f"{s}/{name}"]["METEOR"] for s in SPLITS) / len(SPLITS)
@@ -173,6 +201,50 @@ def demo(cfg: Config, run: RunDir) -> None:
     )
     print(f"\nmean training reward per RL epoch: {rewards}")
     print("\n" + comparison_table(metrics, methods) + f"\n(run: {run.path})")
+
+
+def proposals_demo(
+    cfg: Config, run: RunDir, agent_dir: Path, captions: bool = True, meteor: Meteor | None = None
+) -> dict[str, dict]:
+    """Train the proposal generator on `agent_dir`'s encoder (`DEMO_PROPOSALS`), compare its val_1 proposals
+    with the uniform grid at the same K (detection P/R/F1 averaged over the tIoUs against both references), and
+    (`captions`) let the agent caption its own proposals: `dense/learned_proposals` METEOR and SODA_c."""
+    prop_cfg = Config(**{**cfg.to_dict(), **DEMO_PROPOSALS, "rl_pretrained_model_dir": str(agent_dir)})
+    print(f"\nthe proposal generator: {prop_cfg.epoch_num} train_prop epochs (run: {run.path / 'proposals'})")
+    prop_run = RunDir(run.materialise() / "proposals", prop_cfg)
+    train_prop(prop_cfg, prop_run)
+    model, state = load_proposal_generator(prop_run.checkpoints / PROP_FILE)
+    model.to(cfg.device)
+    stores = open_stores(prop_cfg)
+    videos = videos_of(read_captions_csv(prop_cfg.val_1_meta_path).segments)
+    learned = propose(model, VideoDataset(videos, stores), prop_cfg)
+    lengths = [*state["anchors"]["audio"], *state["anchors"]["video"]]
+    uniform = uniform_proposals(videos, lengths, prop_cfg.max_prop_per_vid)
+    metrics: dict[str, dict] = {}
+    with DenseCaptioningEvaluator(
+        cfg.reference_paths, tious=cfg.tIoUs, max_proposals=prop_cfg.max_prop_per_vid, detection_only=True
+    ) as evaluator:
+        for name, results in (("learned", learned), ("uniform", uniform)):
+            run.write_json(f"prop_results_val_1_{name}.json", {"results": results})
+            average = evaluator.detection(results, source=f"{name} proposals")[AVERAGE_KEY]
+            metrics[f"proposals/{name}"] = {
+                "precision": average["Precision"], "recall": average["Recall"], "F1": average["F1"]
+            }  # fmt: skip
+            print(
+                f"{name} proposals (K = {prop_cfg.max_prop_per_vid}): P {average['Precision']:.4f} "
+                f"R {average['Recall']:.4f} F1 {average['F1']:.4f}"
+            )
+    if captions:
+        caption_cfg = Config(**{**prop_cfg.to_dict(), **DEMO_AGENT, "proposals": "the learned proposals"})
+        caption_cfg.rl_pretrained_model_dir = str(agent_dir)
+        caption_cfg.max_prop_per_vid = prop_cfg.max_prop_per_vid
+        report = caption_proposals(caption_cfg, run, learned, meteor=meteor)
+        average = report.metrics[AVERAGE_KEY]
+        metrics["dense/learned_proposals"] = {"METEOR": average["METEOR"], "SODA_c": average["SODA_c"]}
+        print(
+            f"the agent on its own proposals: METEOR {average['METEOR']:.4f} SODA_c {average['SODA_c']:.4f}"
+        )
+    return metrics
 
 
 def comparison_table(metrics: dict[str, dict], methods: tuple[str, ...]) -> str:

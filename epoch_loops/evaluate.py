@@ -4,6 +4,10 @@
 and a provenance line; the metrics JSON holds fractions in [0, 1]. With `--rl_pretrained_model_dir DIR` instead of
 `--submission`, the checkpoint is validated 1-by-1 on val_1 and val_2 (`epoch_loops.captioning.train`; this path, and
 only this one, imports torch).
+With `--proposals P.json` as well, the checkpoint captions those proposals instead and they are scored at every
+tIoU against both references, with SODA_c (epoch_loops/captioning/proposal_eval.py).
+`--task proposals`: detection precision / recall / F1 of a proposal file (`--proposals`) or of a proposal
+generator's proposals for the val_1 videos (`--prop_generator_model_path`).
 `--task ranking`: a label-ranking predictions file (`--ranking_predictions`), scored with NDCG@k against the gold
 clip list `--test_path` when given (its reader imports torch; a LETOR svmlight file, `.txt`, gives each qid's labels
 in file order: the predictions' ids are its qids), else with the file's own targets; prints where the
@@ -26,8 +30,57 @@ from utilities.run_dir import RunDir
 def evaluate(cfg: Config, run: RunDir) -> None:
     if cfg.task == "ranking":
         evaluate_ranking(cfg, run)
+    elif cfg.task == "proposals":
+        evaluate_proposals(cfg, run)
     else:
         evaluate_captioning(cfg, run)
+
+
+def with_torch(cfg: Config) -> None:
+    """The paths of eval that run a model: eval is registered torch-free, so device and seeds are set here."""
+    from epoch_loops.procedures import resolve_device
+    from utilities.seeding import seed_everything
+
+    cfg.device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+
+def evaluate_proposals(cfg: Config, run: RunDir) -> None:
+    """Detection precision / recall / F1 of a proposal file (no torch), or of a proposal generator's proposals
+    for the val_1 videos (epoch_loops/captioning/proposal_eval.py)."""
+    check_references(cfg)
+    if cfg.proposals:
+        results, source = load_submission(cfg.proposals), str(cfg.proposals)
+    elif cfg.prop_generator_model_path:
+        from epoch_loops.captioning.proposal_eval import generate_proposals
+
+        with_torch(cfg)
+        results, source = generate_proposals(cfg, run), str(cfg.prop_generator_model_path)
+    else:
+        raise InputError(
+            "--procedure eval --task proposals needs --proposals P.json or --prop_generator_model_path M.pt"
+        )
+    with DenseCaptioningEvaluator(
+        cfg.reference_paths,
+        tious=cfg.tIoUs,
+        max_proposals=cfg.max_prop_per_vid,
+        seed=cfg.seed,
+        detection_only=True,
+    ) as evaluator:
+        metrics = evaluator.detection(results, source)
+    print(
+        f"{source}: proposals against {', '.join(cfg.reference_paths)} (at most {cfg.max_prop_per_vid} per video)"
+    )
+    print(f"{'tIoU':>22} {'Precision':>10} {'Recall':>10} {'F1':>10}")
+    for tiou, row in metrics.items():
+        print(f"{tiou:>22} " + " ".join(f"{100 * row[k]:>10.2f}" for k in ("Precision", "Recall", "F1")))
+    run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+
+
+def check_references(cfg: Config) -> None:
+    for path in cfg.reference_paths:
+        if not Path(path).is_file():
+            raise InputError(f"--reference_paths {path}: file not found")
 
 
 def evaluate_ranking(cfg: Config, run: RunDir) -> None:
@@ -69,6 +122,13 @@ def evaluate_ranking(cfg: Config, run: RunDir) -> None:
 
 
 def evaluate_captioning(cfg: Config, run: RunDir) -> None:
+    if not cfg.submission and cfg.rl_pretrained_model_dir and cfg.proposals:
+        from epoch_loops.captioning.proposal_eval import evaluate_on_proposals
+
+        check_references(cfg)
+        with_torch(cfg)
+        evaluate_on_proposals(cfg, run)
+        return
     if not cfg.submission and cfg.rl_pretrained_model_dir:
         from epoch_loops.captioning.train import validate_checkpoint_procedure
 

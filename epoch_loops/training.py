@@ -56,8 +56,8 @@ loader workers), what it shows (progress bars), where extra copies of its output
 `--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
 setting is the run's; giving it explicitly with another value is an error."""
 
-EXTENDABLE = {"train_rl_cap": "epoch_num", "train_critic": "epoch_num"}
-"""Per procedure, the epoch budget a resume may *raise*: captioning and the critic train at a constant learning
+EXTENDABLE = {"train_rl_cap": "epoch_num", "train_critic": "epoch_num", "train_prop": "epoch_num"}
+"""Per procedure, the epoch budget a resume may *raise*: captioning, the critic and the proposal generator train at a constant learning
 rate (or one reduced on validation plateaus), so more epochs continue the same run. Ranking's linear schedule
 is laid out over the total number of steps: a different --epochs_num would re-shape the learning rate of steps
 already taken, so it is refused like any other setting."""

@@ -143,6 +143,7 @@ class DenseCaptioningEvaluator:
         seed: int = 0,
         java: str | None = None,
         meteor: Meteor | None = None,
+        detection_only: bool = False,
     ):
         if not references:
             raise InputError("at least one reference file is needed")
@@ -156,7 +157,8 @@ class DenseCaptioningEvaluator:
         self.java = java
         self._meteor = meteor
         self._owns_meteor = meteor is None
-        self.meteor.start()  # the JVM loads for seconds: let it do so while the references are read
+        if not detection_only:  # `detection` needs no METEOR
+            self.meteor.start()  # the JVM loads for seconds: let it do so while the references are read
         self.reference_names = [
             str(r) if isinstance(r, (str, Path)) else f"<reference {i}>" for i, r in enumerate(references)
         ]
@@ -249,6 +251,26 @@ class DenseCaptioningEvaluator:
             seed=self.seed,
             extra={"garbage_references": garbage},
         )
+
+    def detection(
+        self, results: Mapping[str, Any], source: str = "predictions"
+    ) -> dict[str, dict[str, float]]:
+        """The detection half alone (no captions are scored, no Java): Precision, Recall and their F1 per tIoU,
+        and under `AVERAGE_KEY` the mean Precision and Recall with the F1 of those two means (BMT's proposal
+        model selection). Sentences may be empty: proposals are timestamps."""
+        predictions = parse_predictions(results, source)
+        predictions = {
+            vid: p[: self.max_proposals] for vid, p in predictions.items() if vid in set(self.video_ids)
+        }
+        matches = self._matches(predictions)
+        metrics = {}
+        for tiou in self.tious:
+            precision, recall = self._detection(predictions, matches, tiou)
+            metrics[str(tiou)] = {"Precision": precision, "Recall": recall, "F1": f1_score(precision, recall)}
+        precision = sum(row["Precision"] for row in metrics.values()) / len(self.tious)
+        recall = sum(row["Recall"] for row in metrics.values()) / len(self.tious)
+        metrics[AVERAGE_KEY] = {"Precision": precision, "Recall": recall, "F1": f1_score(precision, recall)}
+        return metrics
 
     # ---- pairing -------------------------------------------------------------------------------------------
     def _matches(self, predictions: Videos) -> dict[str, list[tuple[np.ndarray, list[TimedSentence]]]]:
@@ -343,6 +365,10 @@ class DenseCaptioningEvaluator:
             precision.append(best_precision)
             recall.append(best_recall)
         return sum(precision) / len(precision), sum(recall) / len(recall)
+
+
+def f1_score(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
 def _group_sums(values: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:

@@ -40,6 +40,11 @@ def test_demo_agent_beats_both_baselines(tmp_path, capsys):
         last = epochs - 1
         assert (run / f"agent_rl_{objective}" / f"captioning_results_val_1_e{last}.json").is_file()
 
+    # issue 17: the proposal generator beats the uniform grid; the agent captions its own proposals
+    assert metrics["proposals/learned"]["F1"] > metrics["proposals/uniform"]["F1"]
+    assert set(metrics["dense/learned_proposals"]) == {"METEOR", "SODA_c"}
+    assert (run / "proposals" / "checkpoints" / "best_prop_model.pt").is_file()
+
     submission = json.loads((run / "captioning_results_val_1_nearest_neighbour.json").read_text())
     segments = read_captions_csv(tmp_path / "demo" / "val_1.csv").segments
     first = segments[0]

@@ -36,15 +36,21 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
+    safe_globals: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Load with `weights_only=True`; a missing, corrupt, truncated or unsafe file is an InputError. `mmap`:
-    tensors stay on disk until read (for a look at a large file's settings)."""
+    tensors stay on disk until read (for a look at a large file's settings). `safe_globals`: classes and
+    functions the file may name besides torch's own (`torch.serialization.safe_globals` entries, an entry
+    `(obj, "module.Name")` maps that pickled name to obj)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "global" not in detail.lower():
@@ -215,7 +221,8 @@ def _head(items: list[str], n: int = 8) -> str:
 def _unpickler_detail(e: pickle.UnpicklingError) -> str:
     """The useful line of torch's long weights-only message (e.g. 'Unsupported global: GLOBAL os.system')."""
     text = str(e).split("WeightsUnpickler error:")[-1]
-    return _first_line(RuntimeError(text))
+    named = [line.strip() for line in text.splitlines() if "GLOBAL" in line]
+    return named[0] if named else _first_line(RuntimeError(text))
 
 
 def _first_line(e: Exception) -> str:
