@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utilities import distributed
 from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from utilities.config import Config
 from utilities.errors import InputError, TrainingError
@@ -48,10 +49,11 @@ RUN_LOCAL = frozenset(
         "resume",
         "config",
         "dry_run",
+        "dist_timeout",
     }
 )
 """The settings a resumed run takes from its own command line, not from the checkpoint: where it runs (device,
-loader workers), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
+loader workers, the process-group timeout), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
 --critic_out) and how it was started. None of them changes a trained weight or a reported number.
 `--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
 setting is the run's; giving it explicitly with another value is an error."""
@@ -125,12 +127,20 @@ class Optimisation:
 
 def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
     """One optimiser step on `loss` (see the module docstring); `where` (epoch, batch, ...) goes into a stop's
-    message. Returns the global gradient norm before clipping."""
-    if not torch.isfinite(loss).all():
-        raise diverged(opt, "loss", float(loss.detach()), where)
+    message. Returns the global gradient norm before clipping. Under torchrun every rank calls it once per step:
+    the NaN check is agreed on by all ranks, and the trained parameters' gradients are averaged before clipping,
+    so every rank takes the same step (a rank stepping on a stand-in sample contributes a zero loss)."""
+    if not distributed.contributing():
+        loss = loss * 0.0
+    finite = bool(torch.isfinite(loss).all())
+    bad = distributed.failing_ranks(not finite, loss.device)
+    if bad:  # the value is this rank's, or NaN where another rank's loss stopped the step
+        raise diverged(opt, "loss", math.nan if finite else float(loss.detach()), where, bad)
     opt.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    trained = [p for group in opt.optimizer.param_groups for p in group["params"] if p.requires_grad]
+    distributed.average_gradients(trained)
+    params = [p for p in trained if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or math.inf)
     if not torch.isfinite(norm):
         raise diverged(opt, "gradient norm", float(norm), where)
@@ -141,14 +151,18 @@ def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
     return float(norm)
 
 
-def diverged(opt: Optimisation, what: str, value: float, where: str = "") -> TrainingError:
-    """The NaN stop: raised before the optimiser step, so the run's last checkpoint stays good."""
+def diverged(
+    opt: Optimisation, what: str, value: float, where: str = "", ranks: list[int] | None = None
+) -> TrainingError:
+    """The NaN stop: raised before the optimiser step, so the run's last checkpoint stays good. Under torchrun
+    it names the ranks it happened on (every rank raises the same stop)."""
     last = opt.run.last_checkpoint() if opt.run is not None else None
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
     place = f" ({where})" if where else ""
+    on = f" on rank {', '.join(map(str, ranks))}" if ranks and distributed.world_size() > 1 else ""
     return TrainingError(
-        f"{opt.name}: non-finite {what} ({value}) at optimiser step {opt.step + 1}{place}: stopped before the "
-        f"step; {kept}. Try a lower learning rate or --grad_clip"
+        f"{opt.name}: non-finite {what} ({value}) at optimiser step {opt.step + 1}{on}{place}: stopped before "
+        f"the step; {kept}. Try a lower learning rate or --grad_clip"
     )
 
 

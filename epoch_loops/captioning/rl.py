@@ -54,6 +54,7 @@ from evaluation.meteor import JavaError
 from evaluation.rewards import SentenceReward, build_reward, hypothesis_text, reference_tokens
 from model.captioning.decoding import draw, greedy_decode, sample
 from model.captioning.losses import biased_kl_loss
+from utilities import distributed
 from utilities.config import Config
 from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
@@ -383,14 +384,15 @@ def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
     for i, batch in enumerate(progress(trainer.train_batches, desc=desc, unit="batch")):
         started, rewards.seconds = time.perf_counter(), 0.0
         batch = batch.to(trainer.device, non_blocking=True)
-        try:
-            result = step(trainer, batch, module, rewards)
-        except NonFiniteReward as e:
-            raise diverged(
-                trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
-            ) from None
-        loss = result.policy_loss + result.value_loss
-        result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
+        with distributed.stand_in(batch.stand_in):
+            try:
+                result = step(trainer, batch, module, rewards)
+            except NonFiniteReward as e:
+                raise diverged(
+                    trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
+                ) from None
+            loss = result.policy_loss + result.value_loss
+            result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
         result.stats["reward_seconds"] = rewards.seconds
         result.stats["step_seconds"] = time.perf_counter() - started
         for key, value in result.stats.items():

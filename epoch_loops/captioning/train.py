@@ -60,6 +60,7 @@ from evaluation.meteor import Meteor
 from model.captioning.bmhrl import BMHRLAgent, trainable_parameters
 from model.captioning.decoding import beam_search, greedy_decode
 from model.captioning.losses import label_smoothing_loss
+from utilities import distributed
 from utilities.config import Config
 from utilities.distributed import global_sum, loss_normaliser
 from utilities.errors import InputError
@@ -96,8 +97,10 @@ def train(cfg: Config, run: RunDir, meteor: Meteor | None = None) -> TrainState 
         captions = [s.caption for s in read_captions_csv(cfg.train_meta_path).segments]
         agents = new_agents(cfg, vocabulary_from_config(cfg, captions), load_weights=not cfg.dry_run)
     agents.agent.set_phase("warm_start")
-    print(f"trainable parameters: {trainable_parameters(agents.agent)}")
-    print(f"vocabulary size: {len(agents.vocab)}")
+    distributed.check_global_batch("B", cfg.B)
+    if is_rank0():
+        print(f"trainable parameters: {trainable_parameters(agents.agent)}")
+        print(f"vocabulary size: {len(agents.vocab)}")
     plan = [epoch_phase(cfg, e) for e in range(cfg.epoch_num)]
     for phase in dict.fromkeys(plan):
         epoch_function(cfg, phase)  # an unavailable phase fails here, before any work
@@ -326,6 +329,7 @@ def fit(trainer: Trainer, validation: Validation, run: RunDir, state: TrainState
         state.epoch = epoch + 1
         if is_rank0():
             record_epoch(trainer, state, run, record, submissions, improved)
+        distributed.barrier()  # the epoch's checkpoint is complete before any rank goes on
     return state
 
 
@@ -387,9 +391,10 @@ def warm_start_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
         progress(trainer.train_batches, desc=f"epoch {epoch} warm start", unit="batch")
     ):
         batch = batch.to(trainer.device, non_blocking=True)
-        loss, normaliser = warm_start_loss(agent, batch, trainer.cfg.smoothing)
-        grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
-        loss_sum += loss.detach().double() * normaliser
+        with distributed.stand_in(batch.stand_in):
+            loss, normaliser = warm_start_loss(agent, batch, trainer.cfg.smoothing)
+            grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
+        loss_sum += loss.detach().double() * normaliser * (not batch.stand_in)
         tokens += normaliser
     return {
         "loss": float(global_sum(loss_sum) / global_sum(tokens)),
@@ -415,7 +420,9 @@ def warm_start_loss(
 class Validation:
     """Captions for every ground-truth segment of val_1 and val_2 (file order), each split scored at tIoU 0.5
     against its own reference (`--reference_paths`: val_1's, then val_2's), plus the mean of the two (BMT's
-    protocol). One METEOR process serves every split and epoch."""
+    protocol). One METEOR process serves every split and epoch. Under torchrun each rank captions its own part
+    of a split (the loaders cut it, without padding), rank 0 gathers the captions in file order, scores them and
+    hands the metrics to every rank (they steer selection and early stopping everywhere)."""
 
     def __init__(
         self,
@@ -439,16 +446,23 @@ class Validation:
     def run(
         self, agent: BMHRLAgent, device: torch.device, tag: str
     ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict[str, Report]]:
-        """Metrics per split and their mean (fractions), the submissions by file name, the reports."""
+        """Metrics per split and their mean (fractions), the submissions by file name, the reports (the last two
+        on rank 0 only)."""
         metrics, submissions, reports = {}, {}, {}
         for split, dataset in self.datasets.items():
             sentences = caption_segments(agent, self.loaders[split], self.cfg, device, f"{split} {tag}")
+            sentences = distributed.gather(sentences)
+            if not is_rank0():
+                continue
             submission = submission_of(dataset.segments, sentences)
             submissions[f"captioning_results_{split}_{tag}.json"] = submission
             reports[split] = self.evaluators[split].evaluate(submission["results"], source=f"{split} {tag}")
             metrics[split] = reports[split].metrics[str(GT_TIOU)]
-        metrics["mean"] = {m: sum(metrics[s][m] for s in SPLITS) / len(SPLITS) for m in metrics[SPLITS[0]]}
-        return metrics, submissions, reports
+        if is_rank0():
+            metrics["mean"] = {
+                m: sum(metrics[s][m] for s in SPLITS) / len(SPLITS) for m in metrics[SPLITS[0]]
+            }
+        return distributed.from_rank0(metrics), submissions, reports
 
 
 @torch.no_grad()
