@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from epoch_loops.captioning.agent_files import AGENT_FILE, TRAINING_FILE
+from epoch_loops.captioning.agent_files import (
+    AGENT_FILE,
+    MANAGER_VALUE_FILE,
+    TRAINING_FILE,
+    WORKER_VALUE_FILE,
+)
 from tests.conftest import REPO, requires_java
 from tests.test_captioning import tiny_argv, write_tiny_dataset
 from utilities.distributed import share
@@ -126,6 +131,40 @@ def test_only_rank_0_writes_and_prints(one_and_two):
     assert files("one") == files("two")
     assert one_and_two["stdout"].count("trainable parameters:") == 1
     assert one_and_two["stdout"].count("epoch 1 warm_start") == 1
+
+
+@requires_java
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["scst", "biased_kl"])
+def test_rl_epochs_on_two_processes_train_the_weights_of_one(tmp_path, objective):
+    """A warm-start epoch, then a worker and a manager epoch (the other module frozen): every sampled caption
+    and explored goal is drawn from its segment's own stream, so 2 processes take the steps of 1."""
+    data = write_tiny_dataset(tmp_path / "data")
+    drop_last_row(data["train_meta_path"])  # a stand-in step at the end of every epoch
+    argv = tiny_argv(data, tmp_path / "log", "EXP", "--rl_warmstart_epochs", "1", "--epoch_num", "3")
+    argv += ["--one_by_one_starts_at", "2", "--dout_p", "0", "--B", "2", "--rl_objective", objective]
+    if objective == "scst":
+        argv += ["--rl_samples", "2", "--scst_baseline", "mean"]
+    for exp, launcher in (("one", [sys.executable]), ("two", TORCHRUN)):
+        command = [*launcher, str(REPO / "main.py"), *(exp if a == "EXP" else a for a in argv)]
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "log" / "train_rl_cap"
+    for name in (AGENT_FILE, WORKER_VALUE_FILE, MANAGER_VALUE_FILE):
+        a, b = (
+            torch.load(runs / r / "checkpoints" / "last" / name, weights_only=True) for r in ("one", "two")
+        )
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-5, name
+    ma, mb = without_times(runs / "one" / "metrics.json"), without_times(runs / "two" / "metrics.json")
+    assert ma["history"][-1]["val"] == mb["history"][-1]["val"]
+    for ra, rb in zip(ma["history"][1:], mb["history"][1:], strict=True):
+        for key in (
+            "reward",
+            "grad_norm",
+            "length",
+        ):  # per-segment means; token means are weighted by segment
+            if key in ra["train"]:
+                assert ra["train"][key] == pytest.approx(rb["train"][key], rel=1e-4), key
 
 
 def test_a_global_batch_that_does_not_split_is_a_one_line_error(tmp_path):

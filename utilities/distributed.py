@@ -121,6 +121,15 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         offset += p.numel()
 
 
+def mean_over_ranks(stats: dict[str, float], weight: float) -> dict[str, float]:
+    """Per-rank statistics of one step (every rank has the same keys) combined into the step's: each rank's value
+    weighted by `weight`, its number of samples (0 for a stand-in)."""
+    if world_size() == 1:
+        return stats
+    totals = global_sum(torch.tensor([*(weight * v for v in stats.values()), weight], dtype=torch.float64))
+    return {key: float(totals[i] / totals[-1]) for i, key in enumerate(stats)}
+
+
 def failing_ranks(failed: bool, device: torch.device | str = "cpu") -> list[int]:
     """The ranks on which `failed` holds (every rank calls this at the same point): a NaN on one rank stops
     all of them with the same message."""
