@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", default=None, help="checkpoint to resume training from (exact resume)")
     parser.add_argument(
+        "--amp",
+        default=None,
+        choices=["none", "bf16", "fp16"],
+        help="mixed precision of the training forward passes (autocast; fp16 with a loss scaler); default: bf16 on "
+        "a CUDA device that supports it, none otherwise",
+    )
+    parser.add_argument(
+        "--compile", action=BoolFlag, default=False, help="torch.compile the trained module's forward"
+    )
+    parser.add_argument(
         "--dist_timeout",
         type=positive_float,
         default=600.0,

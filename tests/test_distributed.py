@@ -167,6 +167,42 @@ def test_rl_epochs_on_two_processes_train_the_weights_of_one(tmp_path, objective
                 assert ra["train"][key] == pytest.approx(rb["train"][key], rel=1e-4), key
 
 
+@requires_java
+@pytest.mark.slow
+def test_a_two_process_run_resumed_on_one_process_ends_with_the_uninterrupted_weights(tmp_path):
+    """The data order depends on (seed, epoch) only and the saved state is the global one: a 2-process run stopped
+    after its first epoch and resumed with 1 process ends where the uninterrupted 2-process run ends."""
+    data = write_tiny_dataset(tmp_path / "data")
+    argv = tiny_argv(
+        data, tmp_path / "log", "EXP", "--rl_warmstart_epochs", "2", "--one_by_one_starts_at", "1"
+    )
+    argv += ["--dout_p", "0", "--B", "2"]
+
+    def run(launcher: list[str], exp: str, *extra: str) -> None:
+        command = [*launcher, str(REPO / "main.py"), *(exp if a == "EXP" else a for a in argv), *extra]
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    runs = tmp_path / "log" / "train_rl_cap"
+    run(TORCHRUN, "full", "--epoch_num", "2")
+    run(TORCHRUN, "stopped", "--epoch_num", "1")
+    run(
+        [sys.executable],
+        "stopped",
+        "--resume",
+        str(runs / "stopped" / "checkpoints" / "last"),
+        "--epoch_num",
+        "2",
+    )
+    a, b = (
+        torch.load(runs / r / "checkpoints" / "last" / AGENT_FILE, weights_only=True)
+        for r in ("full", "stopped")
+    )
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) <= 1e-5
+    ma, mb = without_times(runs / "full" / "metrics.json"), without_times(runs / "stopped" / "metrics.json")
+    assert ma["history"][-1]["val"] == mb["history"][-1]["val"]
+
+
 def test_a_global_batch_that_does_not_split_is_a_one_line_error(tmp_path):
     data = write_tiny_dataset(tmp_path / "data")
     argv = tiny_argv(data, tmp_path / "log", "odd", "--B", "3", "--epoch_num", "1")

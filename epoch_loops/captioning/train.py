@@ -51,8 +51,12 @@ from epoch_loops.captioning.agent_files import (
 from epoch_loops.training import (
     Optimisation,
     Saver,
+    autocast,
     checkpoint_state,
+    compiled,
+    grad_scaler,
     optimiser_step,
+    precision,
     resume,
 )
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
@@ -163,6 +167,8 @@ class Trainer:
     train_batches: CaptionLoader
     device: torch.device
     meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
+    amp: str = "none"  # --amp as resolved for the device
+    forward: torch.nn.Module | None = None  # the agent's forward, compiled with --compile (else the agent)
     rewards: Any = None  # the RL reward and tokenised references (epoch_loops.captioning.rl), built at the first RL epoch
 
     @classmethod
@@ -192,8 +198,16 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=cfg.lr_reduce_factor, patience=cfg.lr_patience
             )
-        optimisation = Optimisation(cfg.procedure, optimizer, cfg.grad_clip, run)
-        return cls(cfg, agents, optimisation, scheduler, train_batches, device, meteor)
+        amp = precision(cfg.amp, device)
+        optimisation = Optimisation(
+            cfg.procedure, optimizer, cfg.grad_clip, run, scaler=grad_scaler(amp, device)
+        )
+        forward = compiled(agents.agent, cfg.compile)
+        return cls(cfg, agents, optimisation, scheduler, train_batches, device, meteor, amp, forward)
+
+    def autocast(self):
+        """The context of the training forward passes under --amp."""
+        return autocast(self.amp, self.device)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -392,7 +406,8 @@ def warm_start_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
     ):
         batch = batch.to(trainer.device, non_blocking=True)
         with distributed.stand_in(batch.stand_in):
-            loss, normaliser = warm_start_loss(agent, batch, trainer.cfg.smoothing)
+            with trainer.autocast():
+                loss, normaliser = warm_start_loss(trainer.forward, batch, trainer.cfg.smoothing)
             grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
         loss_sum += loss.detach().double() * normaliser * (not batch.stand_in)
         tokens += normaliser
@@ -406,11 +421,14 @@ def warm_start_loss(
     agent: BMHRLAgent, batch: CaptionBatch, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's label-smoothing loss (decoder input `captions[:, :-1]`, target `captions[:, 1:]`) and its
-    normaliser (the global number of target tokens / world size)."""
+    normaliser (the global number of target tokens / world size); `agent` may be its compiled forward. The loss
+    reduces in fp32 whatever the autocast precision."""
     targets = batch.captions[:, 1:]
     normaliser = loss_normaliser((targets != agent.pad_idx).sum())
     out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
-    loss = label_smoothing_loss(out.log_probs, targets, agent.pad_idx, smoothing, normalizer=normaliser)
+    loss = label_smoothing_loss(
+        out.log_probs.float(), targets, agent.pad_idx, smoothing, normalizer=normaliser
+    )
     return loss, normaliser
 
 
