@@ -215,6 +215,17 @@ def test_a_global_batch_that_does_not_split_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "log").exists()
 
 
+def test_a_procedure_that_runs_in_one_process_refuses_torchrun(tmp_path):
+    argv = ["--procedure", "pointwise", "--log_dir", str(tmp_path / "log"), "--no-progress"]
+    done = subprocess.run([*TORCHRUN, str(REPO / "main.py"), *argv], env=ENV, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert (
+        "main.py: error: rank 1: --procedure pointwise runs in one process (torchrun is supported for: "
+        in (done.stderr)
+    )
+    assert not (tmp_path / "log").exists()
+
+
 MACHINERY = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})

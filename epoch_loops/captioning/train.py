@@ -109,7 +109,8 @@ def train(cfg: Config, run: RunDir, meteor: Meteor | None = None) -> TrainState 
     for phase in dict.fromkeys(plan):
         epoch_function(cfg, phase)  # an unavailable phase fails here, before any work
     if cfg.dry_run:
-        print(f"epochs: {', '.join(f'{p} x{plan.count(p)}' for p in dict.fromkeys(plan))}")
+        if is_rank0():
+            print(f"epochs: {', '.join(f'{p} x{plan.count(p)}' for p in dict.fromkeys(plan))}")
         return None
 
     datasets = caption_datasets(cfg, agents.vocab, agents.agent.cfg.mode, with_train=True)
@@ -545,6 +546,8 @@ def validate_checkpoint(cfg: Config, run: RunDir) -> dict[str, dict[str, float]]
         metrics, submissions, reports = Validation(cfg, datasets, loaders, meteor).run(
             agents.agent, device, "eval"
         )
+    if not is_rank0():
+        return metrics
     for name, submission in submissions.items():
         run.write_json(name, submission)
     for split, report in reports.items():
