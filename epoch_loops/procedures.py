@@ -89,15 +89,15 @@ def run_procedure(cfg: Config) -> int:
 
         restore_settings(cfg)
     with ExitStack() as stack:
-        if spec.uses_torch:
-            cfg.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device) if spec.uses_torch else cfg.device
         if spec.distributed:
             from utilities import distributed
 
-            cfg.device = stack.enter_context(distributed.process_group(cfg.device, cfg.dist_timeout))
+            device = stack.enter_context(distributed.process_group(device, cfg.dist_timeout))
             if cfg.exp_name is None and not cfg.resume:  # one name for every rank's RunDir
                 cfg.exp_name = distributed.from_rank0(free_timestamp_name(Path(cfg.log_dir) / cfg.procedure))
-        run = stack.enter_context(RunDir.open(cfg))
+        run = stack.enter_context(RunDir.open(cfg))  # records the settings as given (`--device auto`)
+        cfg.device = device
         seed_everything(cfg.seed, with_torch=spec.uses_torch)
         module_name, function_name = spec.target.split(":")
         procedure = getattr(importlib.import_module(module_name), function_name)
