@@ -7,6 +7,7 @@ this file takes a `Config`; nothing else parses the command line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from epoch_loops.procedures import PROCEDURES, run_procedure
@@ -47,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry_run", action="store_true", help="build data/model/optimiser, print a summary, exit"
     )
     parser.add_argument("--resume", default=None, help="checkpoint to resume training from (exact resume)")
+    parser.add_argument(
+        "--amp",
+        default=None,
+        choices=["none", "bf16", "fp16"],
+        help="mixed precision of the training forward passes (autocast; fp16 with a loss scaler); default: bf16 on "
+        "a CUDA device that supports it, none otherwise",
+    )
+    parser.add_argument(
+        "--compile", action=BoolFlag, default=False, help="torch.compile the trained module's forward"
+    )
+    parser.add_argument(
+        "--dist_timeout",
+        type=positive_float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others in a collective before the job fails",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_meta_path", default="./data/train.csv", help="train segments (caption CSV)")
@@ -693,11 +710,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_procedure(cfg)
     except (InputError, ToolError, TrainingError) as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
+        print(f"main.py: error: {rank_prefix()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"main.py: {e or 'interrupted'}", file=sys.stderr)
         return 130
+
+
+def rank_prefix() -> str:
+    """'rank R: ' under torchrun (torchrun ends the other ranks when one exits with an error), else ''."""
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Batches of a caption dataset for training and validation, with DataLoader workers that pay off.
 
 Order: training batches follow a seeded permutation per (seed, epoch), so resuming at an epoch boundary
-replays the same order; validation batches follow the file.
+replays the same order; validation batches follow the file. Under torchrun the batch sizes are global: the
+global batches are the same on any number of processes and each rank loads its contiguous share of each
+(`ShardedBatchSampler`); a validation split is cut into one contiguous part per rank.
 
 Workers hand features over through a ring of shared-memory batch buffers. Torch would hand every worker batch
 to the main process in freshly allocated shared memory; for real-size features (a batch of 32 segments is
@@ -29,9 +31,10 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from datasets.captioning.activitynet import CaptionBatch, CaptionDataset, CollatedItems, assemble, pad_into
+from utilities.distributed import share, world_size
 from utilities.errors import InputError, ToolError
 from utilities.seeding import Stream, data_generator, seed_worker, stream_seed
 
@@ -56,6 +59,31 @@ class SeededShuffleSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = data_generator(stream_seed(Stream.SHUFFLE, self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
+class Share(list):
+    """One rank's sample indices of a global batch. `stand_in`: the share was empty (a last global batch shorter
+    than the number of processes) and holds the batch's first sample instead, to be stepped on with zero weight
+    (`utilities.distributed.stand_in`)."""
+
+    def __init__(self, indices: Sequence[int], stand_in: bool = False):
+        super().__init__(indices)
+        self.stand_in = stand_in
+
+
+class ShardedBatchSampler(Sampler[Share]):
+    """This rank's share of each global batch; on one process, the global batches themselves."""
+
+    def __init__(self, batches: BatchSampler):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Share]:
+        for batch in self.batches:
+            mine = share(batch)
+            yield Share(mine) if mine else Share(batch[:1], stand_in=True)
 
 
 class SlotBatch(list):
@@ -183,7 +211,10 @@ class _RingReader(BatchReader):
 
 
 class CaptionLoader:
-    """Batches of a `CaptionDataset` (`loader.sampler.set_epoch(e)` before each training epoch)."""
+    """Batches of a `CaptionDataset` (`loader.sampler.set_epoch(e)` before each training epoch). `batch_size` is
+    global: under torchrun a training loader yields this rank's share of each global batch (a `CaptionBatch`
+    with `stand_in` set where the share was empty), a validation loader the batches of this rank's part of the
+    split, `batch_size / world size` segments each."""
 
     def __init__(
         self,
@@ -197,8 +228,14 @@ class CaptionLoader:
     ):
         """`max_rows`: the dataset's `max_crop_rows()` where the caller has computed it already."""
         self.dataset = dataset
-        self.sampler = SeededShuffleSampler(len(dataset), seed) if shuffle else SequentialSampler(dataset)
-        batches = BatchSampler(self.sampler, batch_size, drop_last=False)
+        local_size = -(-batch_size // world_size())
+        if shuffle:
+            self.sampler = SeededShuffleSampler(len(dataset), seed)
+            batches = ShardedBatchSampler(BatchSampler(self.sampler, batch_size, drop_last=False))
+        else:
+            self.sampler = share(range(len(dataset)))
+            batches = BatchSampler(self.sampler, local_size, drop_last=False)
+        self.batches = batches
         self.pin = torch.cuda.is_available()
         self.ring = None
         # Every DataLoader iterator draws a base seed for its workers from `generator` (from torch's global RNG
@@ -215,7 +252,7 @@ class CaptionLoader:
             return
         n_slots = ring_slots(num_workers, prefetch_factor)
         dims = {m: store.dim for m, store in dataset.stores.items()}
-        self.ring = SharedBatchRing(n_slots, batch_size, max_rows or dataset.max_crop_rows(), dims)
+        self.ring = SharedBatchRing(n_slots, local_size, max_rows or dataset.max_crop_rows(), dims)
         self.loader = DataLoader(
             _RingReader(dataset, self.ring),
             batch_sampler=SlottedBatchSampler(batches, n_slots),
@@ -231,6 +268,12 @@ class CaptionLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[CaptionBatch]:
+        stand_ins = [getattr(b, "stand_in", False) for b in self.batches]  # the order is fixed per epoch
+        for batch, stand_in in zip(self._batches(), stand_ins, strict=True):
+            batch.stand_in = stand_in
+            yield batch
+
+    def _batches(self) -> Iterator[CaptionBatch]:
         if self.ring is None:
             yield from self.loader
             return

@@ -6,18 +6,25 @@ fast. Procedures that never use torch say so, and then torch (about a second to 
 what it needs from `cfg`, writes its outputs into `run`, and honours `cfg.dry_run` where it builds a model.
 The training procedures (`trains`) accept `--resume`, which restores the saved run's settings first
 (epoch_loops/training.py). Ctrl-C ends a run with one line: where its last checkpoint is, or that none was written.
+
+Under torchrun (`torchrun --nproc_per_node=N main.py ...`) the procedures marked `distributed` join the job's
+process group for the run (utilities/distributed.py); rank 0 picks the run directory's name and alone writes to
+it and to the console (other ranks log warnings only); the others refuse to start rather than repeat the same
+work N times.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from utilities.config import Config
 from utilities.errors import InputError, Interrupted
 from utilities.log import setup_logging
-from utilities.run_dir import RunDir
+from utilities.run_dir import RunDir, free_timestamp_name, is_rank0, launched_world_size
 from utilities.seeding import seed_everything
 
 
@@ -26,6 +33,7 @@ class Procedure:
     target: str  # "module:function"
     uses_torch: bool = True
     trains: bool = False  # writes resumable checkpoints; accepts --resume
+    distributed: bool = False  # runs under torchrun, sharing the work over the processes
 
 
 PROCEDURES: dict[str, Procedure] = {
@@ -34,7 +42,7 @@ PROCEDURES: dict[str, Procedure] = {
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
     "train_critic": Procedure("epoch_loops.captioning.critic:train_critic", trains=True),
-    "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True),
+    "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True, distributed=True),
     "train_prop": Procedure("epoch_loops.captioning.proposals:train_prop", trains=True),
     "predict": Procedure("epoch_loops.captioning.predict:predict"),
     "pointwise": Procedure("epoch_loops.ranking.stages:pointwise", trains=True),
@@ -81,8 +89,13 @@ def procedure_of(cfg: Config) -> Procedure:
 def run_procedure(cfg: Config) -> int:
     """Decide the run directory (config.json records the settings as given, e.g. `--device auto`), resolve the
     device, seed, then run the procedure; the directory appears with the run's first write."""
-    setup_logging(progress=cfg.progress)
     spec = procedure_of(cfg)
+    if launched_world_size() > 1 and not spec.distributed:
+        raise InputError(
+            f"--procedure {cfg.procedure} runs in one process (torchrun is supported for: "
+            f"{', '.join(n for n, p in PROCEDURES.items() if p.distributed)}); start it without torchrun"
+        )
+    setup_logging(progress=cfg.progress and is_rank0(), level=logging.INFO if is_rank0() else logging.WARNING)
     if cfg.resume:
         if not spec.trains:
             raise InputError(
@@ -92,9 +105,16 @@ def run_procedure(cfg: Config) -> int:
 
         restore_settings(cfg)
         spec = procedure_of(cfg)  # with the run's --task
-    with RunDir.open(cfg) as run:
-        if spec.uses_torch:
-            cfg.device = resolve_device(cfg.device)
+    with ExitStack() as stack:
+        device = resolve_device(cfg.device) if spec.uses_torch else cfg.device
+        if spec.distributed:
+            from utilities import distributed
+
+            device = stack.enter_context(distributed.process_group(device, cfg.dist_timeout))
+            if cfg.exp_name is None and not cfg.resume:  # one name for every rank's RunDir
+                cfg.exp_name = distributed.from_rank0(free_timestamp_name(Path(cfg.log_dir) / cfg.procedure))
+        run = stack.enter_context(RunDir.open(cfg))  # records the settings as given (`--device auto`)
+        cfg.device = device
         seed_everything(cfg.seed, with_torch=spec.uses_torch)
         module_name, function_name = spec.target.split(":")
         procedure = getattr(importlib.import_module(module_name), function_name)

@@ -1,11 +1,13 @@
 """The one training machinery of both systems and the segment critic: the optimiser step, the NaN stop, the
-checkpoint saver and the resume path (settings included). torchrun/DDP and AMP plug in here, in
-`optimiser_step` and `Saver`, and nowhere else.
+checkpoint saver and the resume path (settings included), mixed precision (`--amp`) and `--compile`. Under
+torchrun (utilities/distributed.py) `optimiser_step` averages the trained parameters' gradients over the ranks
+and `Saver` writes on rank 0 only.
 
 Every loop (captioning warm start and RL epochs, the segment critic, ranking stages 1–3) holds an
 `Optimisation` and calls `optimiser_step` once per step:
-  non-finite loss? stop → zero_grad → backward → clip the *global* gradient norm over every trained parameter
-  (`--grad_clip`) → non-finite norm? stop → step → per-step schedule.
+  non-finite loss (on any rank)? stop → zero_grad → backward (fp16: scaled) → average the gradients over the
+  ranks → clip the *global* gradient norm over every trained parameter (`--grad_clip`) → non-finite norm? stop
+  (fp16: the scaler skips the step) → step → per-step schedule.
 A stop (`TrainingError`) names the procedure or stage, the step, where in the data, and the run's last good
 checkpoint; it happens before the step, so that checkpoint is intact.
 
@@ -16,6 +18,7 @@ schedule tied to it (`EXTENDABLE`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utilities import distributed
 from utilities.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from utilities.config import Config
 from utilities.errors import InputError, TrainingError
@@ -48,10 +52,13 @@ RUN_LOCAL = frozenset(
         "resume",
         "config",
         "dry_run",
+        "dist_timeout",
+        "amp",
+        "compile",
     }
 )
 """The settings a resumed run takes from its own command line, not from the checkpoint: where it runs (device,
-loader workers), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
+loader workers, the process-group timeout, mixed precision and compilation: weights stay fp32 either way), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
 --critic_out) and how it was started. None of them changes a trained weight or a reported number.
 `--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
 setting is the run's; giving it explicitly with another value is an error."""
@@ -113,7 +120,7 @@ def linear_schedule(
 class Optimisation:
     """What `optimiser_step` works on: the optimiser over every trained parameter, the schedule stepped after
     each optimiser step (None: none, or one the loop steps itself, as captioning's plateau schedule), the
-    optimiser steps done, and the run whose last checkpoint a stop names."""
+    optimiser steps done, the run whose last checkpoint a stop names, and the fp16 loss scaler (`grad_scaler`)."""
 
     name: str  # the procedure or stage, for messages
     optimizer: torch.optim.Optimizer
@@ -121,34 +128,82 @@ class Optimisation:
     run: RunDir | None = None
     scheduler: Any = None
     step: int = 0
+    scaler: torch.amp.GradScaler | None = None
+
+
+# ---- mixed precision and compilation ----------------------------------------------------------------------------
+
+
+def precision(amp: str | None, device: torch.device) -> str:
+    """`--amp` as given, or by default bf16 on a CUDA device that supports it and none elsewhere."""
+    if amp is not None:
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+
+
+def autocast(amp: str, device: torch.device):
+    """The forward passes' context under `--amp`: torch.autocast in bf16 or fp16 (weights, optimiser state and
+    checkpoints stay fp32; losses reduce in fp32), nothing for none."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs its loss scaled against gradient underflow; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def compiled(module: nn.Module, compile: bool) -> nn.Module:
+    """`--compile`: the trained module's forward through torch.compile (the module itself is left as it is, so
+    its weights, other methods and checkpoints are untouched)."""
+    return torch.compile(module) if compile else module
 
 
 def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
     """One optimiser step on `loss` (see the module docstring); `where` (epoch, batch, ...) goes into a stop's
-    message. Returns the global gradient norm before clipping."""
-    if not torch.isfinite(loss).all():
-        raise diverged(opt, "loss", float(loss.detach()), where)
+    message. Returns the global gradient norm before clipping. Under torchrun every rank calls it once per step:
+    the NaN check is agreed on by all ranks, and the trained parameters' gradients are averaged before clipping,
+    so every rank takes the same step (a rank stepping on a stand-in sample contributes a zero loss)."""
+    if not distributed.contributing():
+        loss = loss * 0.0
+    finite = bool(torch.isfinite(loss).all())
+    bad = distributed.failing_ranks(not finite, loss.device)
+    if bad:  # the value is this rank's, or NaN where another rank's loss stopped the step
+        raise diverged(opt, "loss", math.nan if finite else float(loss.detach()), where, bad)
     opt.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in opt.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    (loss if opt.scaler is None else opt.scaler.scale(loss)).backward()
+    trained = [p for group in opt.optimizer.param_groups for p in group["params"] if p.requires_grad]
+    distributed.average_gradients(trained)
+    if opt.scaler is not None:
+        opt.scaler.unscale_(opt.optimizer)
+    params = [p for p in trained if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, opt.grad_clip or math.inf)
-    if not torch.isfinite(norm):
+    if opt.scaler is not None:  # fp16: an overflow skips the step and lowers the scale, it is no divergence
+        opt.scaler.step(opt.optimizer)
+        opt.scaler.update()
+    elif not torch.isfinite(norm):
         raise diverged(opt, "gradient norm", float(norm), where)
-    opt.optimizer.step()
+    else:
+        opt.optimizer.step()
     if opt.scheduler is not None:
         opt.scheduler.step()
     opt.step += 1
     return float(norm)
 
 
-def diverged(opt: Optimisation, what: str, value: float, where: str = "") -> TrainingError:
-    """The NaN stop: raised before the optimiser step, so the run's last checkpoint stays good."""
+def diverged(
+    opt: Optimisation, what: str, value: float, where: str = "", ranks: list[int] | None = None
+) -> TrainingError:
+    """The NaN stop: raised before the optimiser step, so the run's last checkpoint stays good. Under torchrun
+    it names the ranks it happened on (every rank raises the same stop)."""
     last = opt.run.last_checkpoint() if opt.run is not None else None
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
     place = f" ({where})" if where else ""
+    on = f" on rank {', '.join(map(str, ranks))}" if ranks and distributed.world_size() > 1 else ""
     return TrainingError(
-        f"{opt.name}: non-finite {what} ({value}) at optimiser step {opt.step + 1}{place}: stopped before the "
-        f"step; {kept}. Try a lower learning rate or --grad_clip"
+        f"{opt.name}: non-finite {what} ({value}) at optimiser step {opt.step + 1}{on}{place}: stopped before "
+        f"the step; {kept}. Try a lower learning rate or --grad_clip"
     )
 
 

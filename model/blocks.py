@@ -38,8 +38,12 @@ class MultiheadedAttention(nn.Module):
         return x.view(B, S, self.H, -1).transpose(1, 2)
 
     def project_kv(self, K: torch.Tensor, V: torch.Tensor) -> KeyValue:
-        """Keys and values projected and split into heads; decoding caches these."""
-        return self._heads(self.linear_K2d(K)), self._heads(self.linear_V2d(V))
+        """Keys and values projected and split into heads; decoding caches these. The key projection's bias is
+        left out: it adds the same q·b to every score of a query, which the softmax cancels, so it has no effect
+        on any output. Computed, it got a gradient of pure rounding noise that Adam turned into a random walk of
+        up to ±lr per step (and that differs between 1 and N processes); left out, it gets none and stays as
+        initialised or loaded (kept in the state dict for the checkpoint layout)."""
+        return self._heads(F.linear(K, self.linear_K2d.weight)), self._heads(self.linear_V2d(V))
 
     def attend(self, Q: torch.Tensor, kv: KeyValue, mask: torch.Tensor | None) -> torch.Tensor:
         """`Q` (B, Sq, dQ) against projected `kv`; `mask` (B, 1 or Sq, Sk) bool or None."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.blocks import MultiheadedAttention
 from model.captioning.bmhrl import (
     AgentConfig,
     BMHRLAgent,
@@ -398,8 +399,28 @@ def test_frozen_critic_and_embeddings_get_no_gradient():
     assert all(p.grad is None for p in agent.critic.parameters())
     assert agent.emb_C.embedder.weight.grad is None
     for name, p in agent.named_parameters():
-        if not name.startswith(("critic.", "emb_C.")):
+        if name.endswith(
+            "linear_K2d.bias"
+        ):  # cancels in the softmax: left out of the computation (blocks.py)
+            assert p.grad is None, name
+        elif not name.startswith(("critic.", "emb_C.")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_key_bias_has_no_effect_on_attention():
+    """Why `project_kv` leaves the key projection's bias out: the same attention with it gives the same output."""
+    torch.manual_seed(0)
+    att = MultiheadedAttention(6, 5, 5, H=2, dout_p=0.0, d_model=8).eval()
+    Q, K = torch.randn(2, 3, 6), torch.randn(2, 4, 5)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])[:, None, :]
+    without = att(Q, K, K, mask)
+    k = att._heads(att.linear_K2d(K))  # with the bias
+    q = att._heads(att.linear_Q2d(Q))
+    v = att._heads(att.linear_V2d(K))
+    with_bias = (
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2).reshape(2, 3, 8)
+    )
+    torch.testing.assert_close(att.linear_d2Q(with_bias), without, rtol=1e-5, atol=1e-6)
 
 
 def test_phases_freeze_the_other_side():

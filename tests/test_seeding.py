@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -12,13 +13,16 @@ from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning.agent_files import build_agents
 from model.captioning.bmhrl import AgentConfig
 from utilities.seeding import (
+    RowStreams,
     Stream,
     data_generator,
+    normal,
     rng_states,
     seed_everything,
     seed_worker,
     set_rng_states,
     stream_seed,
+    uniform,
 )
 
 
@@ -71,6 +75,7 @@ def test_the_streams_of_batch_0_never_draw_the_same_numbers():
             Stream.ROLLOUT: stream_seed(Stream.ROLLOUT, seed, 0, 0),
             Stream.MINIBATCH: stream_seed(Stream.MINIBATCH, seed, 0, 0),
             Stream.AGENT: stream_seed(Stream.AGENT, seed),
+            Stream.SAMPLE: stream_seed(Stream.SAMPLE, seed, 0, 0, 0),
         }
         assert set(seeds) == set(Stream)
         draws = {tuple(torch.rand(4, generator=data_generator(s)).tolist()) for s in seeds.values()}
@@ -88,3 +93,20 @@ def test_the_agent_samples_from_its_own_stream_not_the_global_one():
     agent = build_agents(AgentConfig(), vocab, seed=5).agent
     torch.manual_seed(5)
     assert not torch.equal(torch.rand(4, generator=agent.rng), torch.rand(4))
+
+
+def test_row_streams_draw_per_row_whatever_the_batch_around_it():
+    """A row's numbers depend on its own seed only: the same row draws the same in any batch, at any position."""
+    seeds = [stream_seed(Stream.SAMPLE, 0, 5, i, 0) for i in range(4)]
+    whole = uniform((4, 3), RowStreams(seeds))
+    part = uniform((2, 3), RowStreams(seeds[2:]))
+    assert torch.equal(whole[2:], part)
+    assert torch.equal(whole[0], torch.rand(3, generator=torch.Generator().manual_seed(seeds[0])))
+    streams = RowStreams(seeds[:1])
+    first, second = uniform((1, 2), streams), normal((1, 2), streams)  # one stream, consumed in call order
+    g = torch.Generator().manual_seed(seeds[0])
+    assert torch.equal(first[0], torch.rand(2, generator=g)) and torch.equal(
+        second[0], torch.randn(2, generator=g)
+    )
+    with pytest.raises(ValueError, match="3 rows drawn from 1 row streams"):
+        uniform((3,), streams)

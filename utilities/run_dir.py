@@ -30,6 +30,11 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class RunDir:
     def __init__(self, path: Path, config: Config, resuming: bool = False):
         self.path = path  # decided, not yet created: printing it is fine, writing goes through materialise()
@@ -39,7 +44,9 @@ class RunDir:
         self._writer = None
 
     def materialise(self) -> Path:
-        """Create the folder and write config.json, once; returns the folder."""
+        """Create the folder and write config.json, once; returns the folder. Only rank 0 writes files."""
+        if not is_rank0():
+            raise RuntimeError(f"rank {os.environ.get('RANK')} tried to write into the run directory")
         if not self._materialised:
             if not self._resuming:
                 refuse_existing(self.path)  # another run may have taken the name since `open`
@@ -95,7 +102,7 @@ class RunDir:
         else:
             root = Path(cfg.log_dir) / cfg.procedure
             if cfg.exp_name is None:
-                cfg.exp_name = _free_timestamp_name(root)
+                cfg.exp_name = free_timestamp_name(root)
             path = root / cfg.exp_name
             refuse_existing(path)
         run = cls(path, Config(**copy.deepcopy(cfg.to_dict())), resuming=bool(cfg.resume))
@@ -142,7 +149,7 @@ def run_of_checkpoint(checkpoint: str | Path) -> Path:
     )
 
 
-def _free_timestamp_name(root: Path) -> str:
+def free_timestamp_name(root: Path) -> str:
     name = time.strftime("%y%m%d%H%M%S")
     candidate, n = name, 1
     while (root / candidate).exists():

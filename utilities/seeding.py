@@ -35,6 +35,7 @@ class Stream(enum.IntEnum):
     ROLLOUT = 4  # PPO's ranking samples of one rollout batch
     MINIBATCH = 5  # PPO's minibatch order within one update
     AGENT = 6  # the BMHRL agent's exploration and sampling generator
+    SAMPLE = 7  # one sample's draws in one optimiser step (`RowStreams`): RL captions, explored goals
 
 
 def stream_seed(stream: Stream, *keys: int) -> int:
@@ -100,3 +101,43 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RowStreams:
+    """One CPU generator per row of a batch, each seeded from what identifies that row's draws (seed, optimiser
+    step, global sample index, ...), never from which process holds the row: the same rows draw the same numbers
+    on 1 or N processes and in any batch composition. Each row consumes its own stream in call order; a draw with
+    positions (rows, T, ...) takes them position by position, so a row's numbers at position t do not depend on
+    how far its batch is padded (draw only once per stream from such a shape: a later call would start after
+    the padding)."""
+
+    def __init__(self, seeds: list[int]):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def draw(self, fill, shape: tuple[int, ...]) -> torch.Tensor:
+        """`fill(shape, generator=g)` (torch.rand, torch.randn) for every row, stacked: `shape[0]` rows."""
+        import torch
+
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{shape[0]} rows drawn from {len(self.generators)} row streams")
+        if len(shape) < 3:
+            return torch.stack([fill(shape[1:], generator=g) for g in self.generators])
+        return torch.stack(
+            [torch.stack([fill(shape[2:], generator=g) for _ in range(shape[1])]) for g in self.generators]
+        )
+
+
+def uniform(shape: tuple[int, ...], rng: torch.Generator | RowStreams) -> torch.Tensor:
+    """U[0, 1) numbers of `shape` on the CPU, from one generator or one stream per row (`RowStreams`)."""
+    import torch
+
+    return rng.draw(torch.rand, shape) if isinstance(rng, RowStreams) else torch.rand(shape, generator=rng)
+
+
+def normal(shape: tuple[int, ...], rng: torch.Generator | RowStreams) -> torch.Tensor:
+    """N(0, 1) numbers of `shape` on the CPU, from one generator or one stream per row (`RowStreams`)."""
+    import torch
+
+    return rng.draw(torch.randn, shape) if isinstance(rng, RowStreams) else torch.randn(shape, generator=rng)

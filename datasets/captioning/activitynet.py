@@ -229,6 +229,7 @@ class CaptionBatch:
     durations: list[float]
     raw_captions: list[str]
     indices: list[int]  # the CSV idx of each row
+    stand_in: bool = False  # under torchrun: a stand-in for an empty share, stepped on with zero weight
 
     def __len__(self) -> int:
         return len(self.video_ids)

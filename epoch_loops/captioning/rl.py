@@ -26,6 +26,10 @@ function's prediction is subtracted. The amplitude a_t = clamp(score · p(ŷ_t) 
 goals) moves a share (1 − ε) · a_t of the target distribution's mass from the ground-truth token to ŷ_t
 (`model.captioning.losses.biased_kl_loss`); a is detached unless --compat_biased_kl_grad.
 
+Every random draw of a step (sampled tokens, explored goals) comes from the stream of its row, keyed by (seed,
+optimiser step, segment index, what is drawn, sample) (`sample_streams`): under torchrun a segment takes the same draws whichever
+rank holds it, so N processes take the steps of one.
+
 Both objectives train the trained module's value function (MSE on the masked positions, --rl_value_function_lr)
 against the undiscounted-by-baseline scores above. Every epoch returns means of what matters: reward, baseline,
 advantage, entropy, fraction of tokens that end a segment, the losses, and the reward computation's share of the
@@ -54,10 +58,12 @@ from evaluation.meteor import JavaError
 from evaluation.rewards import SentenceReward, build_reward, hypothesis_text, reference_tokens
 from model.captioning.decoding import draw, greedy_decode, sample
 from model.captioning.losses import biased_kl_loss
+from utilities import distributed
 from utilities.config import Config
 from utilities.distributed import loss_normaliser
 from utilities.errors import InputError
 from utilities.log import progress
+from utilities.seeding import RowStreams, Stream, stream_seed
 
 if TYPE_CHECKING:
     from epoch_loops.captioning.train import Trainer
@@ -65,6 +71,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("scst", "biased_kl")
+# What a row stream is drawn for (`sample_streams`): scst's rollouts (tokens and goals, step by step), biased_kl's
+# explored goals and sampled tokens (each drawn at every position at once, so each from its own streams).
+SAMPLED_CAPTIONS, EXPLORED_GOALS, SAMPLED_TOKENS = range(3)
 
 
 def check_settings(cfg: Config) -> None:
@@ -236,7 +245,8 @@ def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewar
     features = (batch.video, batch.video_mask, batch.audio, batch.audio_mask)
     refs = [rewards.references[c] for c in batch.raw_captions]
     sample_refs = [r for r in refs for _ in range(K)]
-    rollout = sample(agent, *features, max_len=cfg.max_len, num_samples=K, explore=module == "manager")
+    with agent.drawing_from(sample_streams(trainer, batch, SAMPLED_CAPTIONS, K)):
+        rollout = sample(agent, *features, max_len=cfg.max_len, num_samples=K, explore=module == "manager")
     mask = rollout.mask
     N, T = mask.shape
     curve = rewards.prefix_rewards(rollout.tokens, mask, sample_refs)
@@ -311,10 +321,13 @@ def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewar
 def biased_kl_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewards) -> StepResult:
     cfg, agents = trainer.cfg, trainer.agents
     agent = agents.agent
-    out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
+    with agent.drawing_from(sample_streams(trainer, batch, EXPLORED_GOALS)):
+        out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
     targets = batch.captions[:, 1:]
     real = targets != agent.pad_idx
-    sampled = draw(out.log_probs, agent.rng).masked_fill(~real, agent.pad_idx)
+    sampled = draw(out.log_probs, sample_streams(trainer, batch, SAMPLED_TOKENS)).masked_fill(
+        ~real, agent.pad_idx
+    )
     p_sampled = out.log_probs.gather(-1, sampled[..., None]).squeeze(-1).exp()
     refs = [rewards.references[c] for c in batch.raw_captions]
     curve = rewards.prefix_rewards(sampled, real, refs)
@@ -366,9 +379,24 @@ STEPS: dict[str, Callable[[Trainer, CaptionBatch, str, Rewards], StepResult]] = 
 # ---- the epoch ---------------------------------------------------------------------------------------------------
 
 
+def sample_streams(trainer: Trainer, batch: CaptionBatch, draw_kind: int, per_segment: int = 1) -> RowStreams:
+    """The random streams of a step's rows, keyed by (seed, optimiser step, segment index, what is drawn, sample):
+    a segment draws the same captions and explored goals on 1 or N processes, wherever its batch share lands.
+    scst's samples of a segment are consecutive rows."""
+    cfg, step = trainer.cfg, trainer.optimisation.step
+    return RowStreams(
+        [
+            stream_seed(Stream.SAMPLE, cfg.seed, step, i, draw_kind, k)
+            for i in batch.indices
+            for k in range(per_segment)
+        ]
+    )
+
+
 def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
     """One RL epoch training `module` ('worker' or 'manager') with --rl_objective; returns per-step means of the
-    step's statistics and `reward_share`, the reward computation's share of the epoch's step time."""
+    step's statistics (under torchrun the ranks' sample-weighted mean) and `reward_share`, the reward
+    computation's share of the epoch's step time."""
     cfg, agents = trainer.cfg, trainer.agents
     agents.agent.train()
     agents.agent.set_phase(module)
@@ -383,17 +411,19 @@ def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
     for i, batch in enumerate(progress(trainer.train_batches, desc=desc, unit="batch")):
         started, rewards.seconds = time.perf_counter(), 0.0
         batch = batch.to(trainer.device, non_blocking=True)
-        try:
-            result = step(trainer, batch, module, rewards)
-        except NonFiniteReward as e:
-            raise diverged(
-                trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
-            ) from None
-        loss = result.policy_loss + result.value_loss
-        result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
+        with distributed.stand_in(batch.stand_in):
+            try:
+                result = step(trainer, batch, module, rewards)
+            except NonFiniteReward as e:
+                raise diverged(
+                    trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
+                ) from None
+            loss = result.policy_loss + result.value_loss
+            result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
         result.stats["reward_seconds"] = rewards.seconds
         result.stats["step_seconds"] = time.perf_counter() - started
-        for key, value in result.stats.items():
+        stats = distributed.mean_over_ranks(result.stats, 0.0 if batch.stand_in else float(len(batch)))
+        for key, value in stats.items():
             sums[key] += value
         steps += 1
     means = {key: value / max(steps, 1) for key, value in sums.items()}

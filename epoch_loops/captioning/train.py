@@ -51,8 +51,12 @@ from epoch_loops.captioning.agent_files import (
 from epoch_loops.training import (
     Optimisation,
     Saver,
+    autocast,
     checkpoint_state,
+    compiled,
+    grad_scaler,
     optimiser_step,
+    precision,
     resume,
 )
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
@@ -60,6 +64,7 @@ from evaluation.meteor import Meteor
 from model.captioning.bmhrl import BMHRLAgent, trainable_parameters
 from model.captioning.decoding import beam_search, greedy_decode
 from model.captioning.losses import label_smoothing_loss
+from utilities import distributed
 from utilities.config import Config
 from utilities.distributed import global_sum, loss_normaliser
 from utilities.errors import InputError
@@ -96,13 +101,16 @@ def train(cfg: Config, run: RunDir, meteor: Meteor | None = None) -> TrainState 
         captions = [s.caption for s in read_captions_csv(cfg.train_meta_path).segments]
         agents = new_agents(cfg, vocabulary_from_config(cfg, captions), load_weights=not cfg.dry_run)
     agents.agent.set_phase("warm_start")
-    print(f"trainable parameters: {trainable_parameters(agents.agent)}")
-    print(f"vocabulary size: {len(agents.vocab)}")
+    distributed.check_global_batch("B", cfg.B)
+    if is_rank0():
+        print(f"trainable parameters: {trainable_parameters(agents.agent)}")
+        print(f"vocabulary size: {len(agents.vocab)}")
     plan = [epoch_phase(cfg, e) for e in range(cfg.epoch_num)]
     for phase in dict.fromkeys(plan):
         epoch_function(cfg, phase)  # an unavailable phase fails here, before any work
     if cfg.dry_run:
-        print(f"epochs: {', '.join(f'{p} x{plan.count(p)}' for p in dict.fromkeys(plan))}")
+        if is_rank0():
+            print(f"epochs: {', '.join(f'{p} x{plan.count(p)}' for p in dict.fromkeys(plan))}")
         return None
 
     datasets = caption_datasets(cfg, agents.vocab, agents.agent.cfg.mode, with_train=True)
@@ -160,6 +168,8 @@ class Trainer:
     train_batches: CaptionLoader
     device: torch.device
     meteor: Meteor  # the run's one METEOR process (validation; RL rewards)
+    amp: str = "none"  # --amp as resolved for the device
+    forward: torch.nn.Module | None = None  # the agent's forward, compiled with --compile (else the agent)
     rewards: Any = None  # the RL reward and tokenised references (epoch_loops.captioning.rl), built at the first RL epoch
 
     @classmethod
@@ -189,8 +199,16 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=cfg.lr_reduce_factor, patience=cfg.lr_patience
             )
-        optimisation = Optimisation(cfg.procedure, optimizer, cfg.grad_clip, run)
-        return cls(cfg, agents, optimisation, scheduler, train_batches, device, meteor)
+        amp = precision(cfg.amp, device)
+        optimisation = Optimisation(
+            cfg.procedure, optimizer, cfg.grad_clip, run, scaler=grad_scaler(amp, device)
+        )
+        forward = compiled(agents.agent, cfg.compile)
+        return cls(cfg, agents, optimisation, scheduler, train_batches, device, meteor, amp, forward)
+
+    def autocast(self):
+        """The context of the training forward passes under --amp."""
+        return autocast(self.amp, self.device)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -326,6 +344,7 @@ def fit(trainer: Trainer, validation: Validation, run: RunDir, state: TrainState
         state.epoch = epoch + 1
         if is_rank0():
             record_epoch(trainer, state, run, record, submissions, improved)
+        distributed.barrier()  # the epoch's checkpoint is complete before any rank goes on
     return state
 
 
@@ -387,9 +406,11 @@ def warm_start_epoch(trainer: Trainer, epoch: int) -> dict[str, float]:
         progress(trainer.train_batches, desc=f"epoch {epoch} warm start", unit="batch")
     ):
         batch = batch.to(trainer.device, non_blocking=True)
-        loss, normaliser = warm_start_loss(agent, batch, trainer.cfg.smoothing)
-        grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
-        loss_sum += loss.detach().double() * normaliser
+        with distributed.stand_in(batch.stand_in):
+            with trainer.autocast():
+                loss, normaliser = warm_start_loss(trainer.forward, batch, trainer.cfg.smoothing)
+            grad_norms.append(trainer.optimiser_step(loss, epoch, i, batch))
+        loss_sum += loss.detach().double() * normaliser * (not batch.stand_in)
         tokens += normaliser
     return {
         "loss": float(global_sum(loss_sum) / global_sum(tokens)),
@@ -401,11 +422,14 @@ def warm_start_loss(
     agent: BMHRLAgent, batch: CaptionBatch, smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's label-smoothing loss (decoder input `captions[:, :-1]`, target `captions[:, 1:]`) and its
-    normaliser (the global number of target tokens / world size)."""
+    normaliser (the global number of target tokens / world size); `agent` may be its compiled forward. The loss
+    reduces in fp32 whatever the autocast precision."""
     targets = batch.captions[:, 1:]
     normaliser = loss_normaliser((targets != agent.pad_idx).sum())
     out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
-    loss = label_smoothing_loss(out.log_probs, targets, agent.pad_idx, smoothing, normalizer=normaliser)
+    loss = label_smoothing_loss(
+        out.log_probs.float(), targets, agent.pad_idx, smoothing, normalizer=normaliser
+    )
     return loss, normaliser
 
 
@@ -415,7 +439,9 @@ def warm_start_loss(
 class Validation:
     """Captions for every ground-truth segment of val_1 and val_2 (file order), each split scored at tIoU 0.5
     against its own reference (`--reference_paths`: val_1's, then val_2's), plus the mean of the two (BMT's
-    protocol). One METEOR process serves every split and epoch."""
+    protocol). One METEOR process serves every split and epoch. Under torchrun each rank captions its own part
+    of a split (the loaders cut it, without padding), rank 0 gathers the captions in file order, scores them and
+    hands the metrics to every rank (they steer selection and early stopping everywhere)."""
 
     def __init__(
         self,
@@ -439,16 +465,23 @@ class Validation:
     def run(
         self, agent: BMHRLAgent, device: torch.device, tag: str
     ) -> tuple[dict[str, dict[str, float]], dict[str, dict], dict[str, Report]]:
-        """Metrics per split and their mean (fractions), the submissions by file name, the reports."""
+        """Metrics per split and their mean (fractions), the submissions by file name, the reports (the last two
+        on rank 0 only)."""
         metrics, submissions, reports = {}, {}, {}
         for split, dataset in self.datasets.items():
             sentences = caption_segments(agent, self.loaders[split], self.cfg, device, f"{split} {tag}")
+            sentences = distributed.gather(sentences)
+            if not is_rank0():
+                continue
             submission = submission_of(dataset.segments, sentences)
             submissions[f"captioning_results_{split}_{tag}.json"] = submission
             reports[split] = self.evaluators[split].evaluate(submission["results"], source=f"{split} {tag}")
             metrics[split] = reports[split].metrics[str(GT_TIOU)]
-        metrics["mean"] = {m: sum(metrics[s][m] for s in SPLITS) / len(SPLITS) for m in metrics[SPLITS[0]]}
-        return metrics, submissions, reports
+        if is_rank0():
+            metrics["mean"] = {
+                m: sum(metrics[s][m] for s in SPLITS) / len(SPLITS) for m in metrics[SPLITS[0]]
+            }
+        return distributed.from_rank0(metrics), submissions, reports
 
 
 @torch.no_grad()
@@ -513,6 +546,8 @@ def validate_checkpoint(cfg: Config, run: RunDir) -> dict[str, dict[str, float]]
         metrics, submissions, reports = Validation(cfg, datasets, loaders, meteor).run(
             agents.agent, device, "eval"
         )
+    if not is_rank0():
+        return metrics
     for name, submission in submissions.items():
         run.write_json(name, submission)
     for split, report in reports.items():

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from model.captioning.bimodal_encoder import BiModalEncoder, UniModalEncoder
 from utilities.checkpoint import load_model_state
 from utilities.config import settings_for
 from utilities.errors import InputError
+from utilities.seeding import RowStreams, normal
 
 MODALITIES = {"BMHRL": ("audio", "video"), "AHRL": ("audio",), "VHRL": ("video",), "BM": ("audio", "video")}
 
@@ -516,6 +518,15 @@ class BMHRLAgent(nn.Module):
         self.exploration = False
         self.rng = torch.Generator().manual_seed(0)
 
+    @contextmanager
+    def drawing_from(self, rng: torch.Generator | RowStreams) -> Iterator[None]:
+        """Sample and explore with `rng` instead of `self.rng` for a while (an RL step's per-sample streams)."""
+        previous, self.rng = self.rng, rng
+        try:
+            yield
+        finally:
+            self.rng = previous
+
     # ---- training phases --------------------------------------------------------------------------------------
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """What each RL phase trains: the worker side (encoder, worker fusion, worker) and the manager side
@@ -594,7 +605,7 @@ class BMHRLAgent(nn.Module):
         detached = goals.detach()
         shift = 0.05 * detached.mean(-1, keepdim=True)
         scale = (0.2 * detached.std(-1, keepdim=True)).clamp_min(1e-6)
-        noise = torch.randn(goals.shape, generator=self.rng).to(goals)
+        noise = normal(tuple(goals.shape), self.rng).to(goals)
         explored = goals + shift + scale * noise
         log_prob = torch.distributions.Normal(goals + shift, scale).log_prob(explored.detach()).sum(-1)
         return explored, log_prob

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model.captioning.bmhrl import BMHRLAgent
+from utilities.seeding import RowStreams, uniform
 
 
 def _first_ids(agent: BMHRLAgent, batch_size: int, device) -> torch.Tensor:
@@ -113,11 +114,11 @@ class Rollout:
 
 
 @torch.no_grad()
-def draw(log_probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+def draw(log_probs: torch.Tensor, rng: torch.Generator | RowStreams) -> torch.Tensor:
     """One token per distribution of `log_probs` (..., V) by inverse CDF, the uniforms from `rng` (a CPU
-    generator, so the same seed gives the same tokens on any device)."""
+    generator or one per row, so the same seed gives the same tokens on any device)."""
     cumulative = log_probs.exp().cumsum(-1)
-    u = torch.rand(*cumulative.shape[:-1], 1, generator=rng).to(cumulative)
+    u = uniform((*cumulative.shape[:-1], 1), rng).to(cumulative)
     picked = torch.searchsorted(cumulative, u * cumulative[..., -1:]).squeeze(-1)
     return picked.clamp_max(log_probs.shape[-1] - 1)
 
