@@ -405,7 +405,7 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
 @pytest.mark.slow
 def test_demo_ppo_beats_the_pointwise_model_on_the_target_domain(tmp_path):
     """Issue 11's acceptance on the demo (about a minute): reward accuracy ≥ 0.7 on held-out target comparisons,
-    and both PPO objectives above the source-trained scorer on the target test split."""
+    and both PPO objectives above the source-trained scorer on the target test split (LRMovieNet and LETOR)."""
     from epoch_loops.ranking.demo import ranking_demo
     from utilities.run_dir import RunDir
 
@@ -413,7 +413,12 @@ def test_demo_ppo_beats_the_pointwise_model_on_the_target_domain(tmp_path):
     cfg = config_from_argv(build_parser(), [*argv, "--device", "cpu", "--exp_name", "run"])
     with RunDir.open(cfg) as run:
         metrics = ranking_demo(cfg, run)
-    assert set(metrics) == {"ranking/pointwise", "ranking/reward", "ranking/ppo_lr2ppo", "ranking/ppo_clip"}
+    assert set(metrics) == {
+        *("ranking/pointwise", "ranking/reward", "ranking/ppo_lr2ppo", "ranking/ppo_clip"),
+        *("letor/pointwise", "letor/ppo_lr2ppo", "letor/ppo_clip", "letor/lightgbm_target"),
+    }
+    for objective in ("lr2ppo", "clip"):  # the LETOR transfer part, too
+        assert metrics[f"letor/ppo_{objective}"]["NDCG@all"] > metrics["letor/pointwise"]["NDCG@all"]
     assert metrics["ranking/reward"]["pair_accuracy"] >= 0.7
     before = metrics["ranking/pointwise"]["NDCG@all"]
     assert metrics["ranking/ppo_lr2ppo"]["NDCG@all"] > before
