@@ -380,14 +380,14 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
     assert main(stage_argv(demo, tmp_path, "pointwise", "full", *common)) == 0
     full = json.loads((tmp_path / "pointwise" / "full" / "metrics.json").read_text())
 
-    real_loss, calls = ranking._pointwise_loss, []
+    real_loss, calls = ranking.pointwise_batch_loss, []
 
     def failing_loss(model, batch):
         calls.append(1)
         loss, stats = real_loss(model, batch)
         return (loss * float("nan") if len(calls) == 5 else loss), stats
 
-    monkeypatch.setattr(ranking, "_pointwise_loss", failing_loss)
+    monkeypatch.setattr(ranking, "pointwise_batch_loss", failing_loss)
     assert main(stage_argv(demo, tmp_path, "pointwise", "cut", *common)) == 2
     err = capsys.readouterr().err
     last = tmp_path / "pointwise" / "cut" / "checkpoints" / "last.pt"
@@ -396,7 +396,7 @@ def test_nan_stops_naming_the_step_and_resume_reproduces_the_uninterrupted_run(
     state = load_checkpoint(last)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
-    monkeypatch.setattr(ranking, "_pointwise_loss", real_loss)
+    monkeypatch.setattr(ranking, "pointwise_batch_loss", real_loss)
     assert main([*stage_argv(demo, tmp_path, "pointwise", "cut", *common), "--resume", str(last)]) == 0
     resumed = json.loads((tmp_path / "pointwise" / "cut" / "metrics.json").read_text())
     assert resumed == full
@@ -446,7 +446,7 @@ def test_ctrl_c_names_the_checkpoint_and_resume_keeps_the_runs_settings_director
     full = json.loads((tmp_path / "pointwise" / "full" / "metrics.json").read_text())
     capsys.readouterr()
 
-    real_loss, calls = ranking._pointwise_loss, []
+    real_loss, calls = ranking.pointwise_batch_loss, []
 
     def interrupted_loss(model, batch):
         calls.append(1)
@@ -454,12 +454,12 @@ def test_ctrl_c_names_the_checkpoint_and_resume_keeps_the_runs_settings_director
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
-    monkeypatch.setattr(ranking, "_pointwise_loss", interrupted_loss)
+    monkeypatch.setattr(ranking, "pointwise_batch_loss", interrupted_loss)
     assert main(stage_argv(demo, tmp_path, "pointwise", "cut", *common)) == 130
     err = capsys.readouterr().err
     last = tmp_path / "pointwise" / "cut" / "checkpoints" / "last.pt"
     assert err.count("\n") == 1 and f"--procedure pointwise --resume {last}" in err
-    monkeypatch.setattr(ranking, "_pointwise_loss", real_loss)
+    monkeypatch.setattr(ranking, "pointwise_batch_loss", real_loss)
 
     resume = ["--procedure", "pointwise", "--resume", str(last), "--num_workers", "0"]
     assert main([*resume, "--epochs_num", "3"]) == 2
@@ -488,7 +488,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_so_and_what_to_delete(demo, tmp
     def interrupted_loss(model, batch):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ranking, "_pointwise_loss", interrupted_loss)
+    monkeypatch.setattr(ranking, "pointwise_batch_loss", interrupted_loss)
     argv = stage_argv(demo, tmp_path, "pointwise", "early", "--batch_size", "8", "--epochs_num", "1")
     assert main(argv) == 130
     err = capsys.readouterr().err

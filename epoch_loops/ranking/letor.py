@@ -48,13 +48,13 @@ from epoch_loops.ranking.checkpoints import (
 from epoch_loops.ranking.ppo import build_models, train_ppo
 from epoch_loops.ranking.stages import (
     SupervisedStage,
-    _pointwise_loss,
-    _reward_loss,
     load_trunk,
     ndcg,
+    pointwise_batch_loss,
     print_dry_run,
     print_trainable,
     require,
+    reward_batch_loss,
     reward_pair_accuracy,
     score_clips,
     train_supervised,
@@ -181,7 +181,12 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     print_trainable(model)
     train = QueryLists([("source", data["source", "train"])], cfg.seed)
     stage = SupervisedStage(
-        "pointwise", model, train, _pointwise_loss, ndcg_of(cfg, target_splits(cfg, data)), SELECTION_METRIC
+        "pointwise",
+        model,
+        train,
+        pointwise_batch_loss,
+        ndcg_of(cfg, target_splits(cfg, data)),
+        SELECTION_METRIC,
     )
     return train_supervised(cfg, run, stage)
 
@@ -210,7 +215,7 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         "reward",
         model,
         train,
-        _reward_loss(cfg.margin),
+        reward_batch_loss(cfg.margin),
         {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()},
         "pair_accuracy",
     )

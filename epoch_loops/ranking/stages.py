@@ -318,11 +318,14 @@ def report(
         run.writer.add_scalar(f"{kind}/lr", lr, step)
 
 
-def _pointwise_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
+def pointwise_batch_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Stage 1's loss on a batch (LRMovieNet clips or LETOR queries): SmoothL1 on the graded labels."""
     return pointwise_loss(model(batch.frames, batch.text), batch.targets, batch.mask), {}
 
 
-def _reward_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]:
+def reward_batch_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]:
+    """Stage 2's loss on a batch of comparisons: the margin ranking hinge, and the pair accuracy to log."""
+
     def loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
         vectors = model.label_features(batch.frames, batch.text)  # one trunk pass for chosen and rejected
         chosen = model.score_slots(vectors, batch.chosen)
@@ -353,7 +356,7 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         "pointwise",
         model,
         train,
-        _pointwise_loss,
+        pointwise_batch_loss,
         {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()},
         SELECTION_METRIC,
     )
@@ -403,7 +406,7 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         "reward",
         model,
         train,
-        _reward_loss(cfg.margin),
+        reward_batch_loss(cfg.margin),
         {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()},
         "pair_accuracy",
     )
