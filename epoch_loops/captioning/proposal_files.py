@@ -78,6 +78,20 @@ def _plain(value: Any) -> Any:
 FIXED_SETTINGS = {"modality": "audio_video", "use_linear_embedder": False, "layer_norm": False}
 
 
+def bmt_encoder_sizes(stored: Mapping[str, Any]) -> dict[str, int]:
+    """The bimodal encoder's sizes in a BMT config (`best_prop_model.pt` or `best_cap_model.pt`), as
+    `ProposalConfig` fields."""
+    return {
+        "d_vid": int(stored["d_model_video"]),
+        "d_aud": int(stored["d_model_audio"]),
+        "d_model": int(stored["d_model"]),
+        "H": int(stored["H"]),
+        "N": int(stored["N"]),
+        "d_ff_vid": int(stored["d_ff_video"]),
+        "d_ff_aud": int(stored["d_ff_audio"]),
+    }
+
+
 def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], source: str) -> ProposalConfig:
     """The generator's sizes from a `best_prop_model.pt` config (BMT's field names) and its anchors."""
     try:
@@ -91,13 +105,7 @@ def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], sourc
             if any(abs(float(given[m]) - table[m]) > 1e-6 for m in MODALITIES):
                 raise InputError(f"{source}: config {name} = {given} differs from the original's {table}")
         return ProposalConfig(
-            d_vid=int(stored["d_model_video"]),
-            d_aud=int(stored["d_model_audio"]),
-            d_model=int(stored["d_model"]),
-            H=int(stored["H"]),
-            N=int(stored["N"]),
-            d_ff_vid=int(stored["d_ff_video"]),
-            d_ff_aud=int(stored["d_ff_audio"]),
+            **bmt_encoder_sizes(stored),
             dout_p=float(stored.get("dout_p", 0.1)),
             conv_layers_audio=tuple(int(w) for w in stored["conv_layers_audio"]),
             conv_layers_video=tuple(int(w) for w in stored["conv_layers_video"]),
@@ -186,15 +194,7 @@ def encoder_from_captioning(cfg) -> tuple[ProposalConfig, dict[str, torch.Tensor
         if "model_state_dict" not in state or "config" not in state:
             raise InputError(f"--pretrained_cap_model_path {path}: not BMT's best_cap_model.pt layout")
         stored = state["config"]
-        sizes = ProposalConfig(
-            d_vid=int(stored["d_model_video"]),
-            d_aud=int(stored["d_model_audio"]),
-            d_model=int(stored["d_model"]),
-            H=int(stored["H"]),
-            N=int(stored["N"]),
-            d_ff_vid=int(stored["d_ff_video"]),
-            d_ff_aud=int(stored["d_ff_audio"]),
-        )
+        sizes = ProposalConfig(**bmt_encoder_sizes(stored))
         prefix = "encoder."
         weights = {
             k.removeprefix("module.").removeprefix(prefix): v

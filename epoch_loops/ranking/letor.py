@@ -49,13 +49,12 @@ from epoch_loops.ranking.ppo import build_models, train_ppo
 from epoch_loops.ranking.stages import (
     SupervisedStage,
     load_trunk,
-    ndcg,
-    pointwise_batch_loss,
+    ndcg_evaluators,
+    pointwise_stage,
     print_dry_run,
     print_trainable,
     require,
-    reward_batch_loss,
-    reward_pair_accuracy,
+    reward_stage,
     score_clips,
     train_supervised,
 )
@@ -138,10 +137,6 @@ def both_train(data: dict[tuple[str, str], PackedSplit]) -> list[tuple[str, Pack
     return [(domain, data[domain, "train"]) for domain in DOMAINS]
 
 
-def ndcg_of(cfg: Config, splits: dict[str, QueryLists]) -> dict[str, Any]:
-    return {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()}
-
-
 # --- the alignment step and the three stages ------------------------------------------------------------------
 
 
@@ -162,7 +157,7 @@ def align(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     print_trainable(model)
     train = QueryLists(both_train(data), cfg.seed)
     stage = SupervisedStage(
-        "align", model, train, _align_loss, ndcg_of(cfg, target_splits(cfg, data)), SELECTION_METRIC
+        "align", model, train, _align_loss, ndcg_evaluators(cfg, target_splits(cfg, data)), SELECTION_METRIC
     )
     return train_supervised(cfg, run, stage)
 
@@ -180,15 +175,7 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     model.to(cfg.device)
     print_trainable(model)
     train = QueryLists([("source", data["source", "train"])], cfg.seed)
-    stage = SupervisedStage(
-        "pointwise",
-        model,
-        train,
-        pointwise_batch_loss,
-        ndcg_of(cfg, target_splits(cfg, data)),
-        SELECTION_METRIC,
-    )
-    return train_supervised(cfg, run, stage)
+    return train_supervised(cfg, run, pointwise_stage(cfg, model, train, target_splits(cfg, data)))
 
 
 def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
@@ -211,15 +198,7 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         )
         for s, split in (("dev", "vali"), ("test", "test"))
     }
-    stage = SupervisedStage(
-        "reward",
-        model,
-        train,
-        reward_batch_loss(cfg.margin),
-        {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()},
-        "pair_accuracy",
-    )
-    return train_supervised(cfg, run, stage)
+    return train_supervised(cfg, run, reward_stage(cfg, model, train, splits))
 
 
 def ppo(cfg: Config, run: RunDir) -> dict[str, Any] | None:

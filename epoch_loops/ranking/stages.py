@@ -335,6 +335,28 @@ def reward_batch_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[
     return loss
 
 
+def ndcg_evaluators(cfg: Config, splits: dict[str, Dataset]) -> dict[str, Callable[[nn.Module], dict]]:
+    """Split name → the NDCG@k of a scorer on that split (selection on dev, report on test)."""
+    return {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()}
+
+
+def pointwise_stage(
+    cfg: Config, model: nn.Module, train: Dataset, splits: dict[str, Dataset]
+) -> SupervisedStage:
+    """Stage 1 on any graded lists (LRMovieNet clips, LETOR queries): SmoothL1, selected on dev NDCG@all."""
+    return SupervisedStage(
+        "pointwise", model, train, pointwise_batch_loss, ndcg_evaluators(cfg, splits), SELECTION_METRIC
+    )
+
+
+def reward_stage(
+    cfg: Config, model: nn.Module, train: Dataset, splits: dict[str, Dataset]
+) -> SupervisedStage:
+    """Stage 2 on any comparisons: the margin hinge, selected on dev pair accuracy."""
+    evaluate = {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()}
+    return SupervisedStage("reward", model, train, reward_batch_loss(cfg.margin), evaluate, "pair_accuracy")
+
+
 def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 1: the fusion scorer on graded labels (`--train_path` first_stage_data.json)."""
     if cfg.dry_run:
@@ -352,15 +374,7 @@ def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         read_clip_list(cfg.train_path), features, cfg.max_imgs, cfg.max_tags, cfg.frame_order, cfg.seed
     )
     splits = graded_splits(cfg, features)
-    stage = SupervisedStage(
-        "pointwise",
-        model,
-        train,
-        pointwise_batch_loss,
-        {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()},
-        SELECTION_METRIC,
-    )
-    return train_supervised(cfg, run, stage)
+    return train_supervised(cfg, run, pointwise_stage(cfg, model, train, splits))
 
 
 def load_trunk(model: RewardModel, weights: RankingWeights) -> None:
@@ -402,12 +416,4 @@ def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
         )
         for s in ("dev", "test")
     }
-    stage = SupervisedStage(
-        "reward",
-        model,
-        train,
-        reward_batch_loss(cfg.margin),
-        {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()},
-        "pair_accuracy",
-    )
-    return train_supervised(cfg, run, stage)
+    return train_supervised(cfg, run, reward_stage(cfg, model, train, splits))
