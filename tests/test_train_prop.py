@@ -29,6 +29,7 @@ from tests.conftest import requires_java
 from tests.test_captioning import sample_checkpoint
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
+from utilities.errors import InputError
 from utilities.run_dir import RunDir
 from utilities.seeding import seed_everything
 
@@ -278,3 +279,15 @@ def test_encoder_from_bmt_captioning_checkpoint(tmp_path, monkeypatch):
     target.encoder.load_state_dict(loaded)
     for key, value in source.encoder.state_dict().items():
         assert torch.equal(target.encoder.state_dict()[key], value)
+
+
+def test_a_captioning_checkpoint_without_an_encoder_size_is_one_line(tmp_path):
+    """A best_cap_model.pt whose config lacks a size field names the file and the field (no KeyError)."""
+    torch.save(
+        {"config": {"d_model_video": 1024, "d_model_audio": 128}, "model_state_dict": {}}, tmp_path / "c.pt"
+    )
+    cfg = config_from_argv(
+        build_parser(), ["--procedure", "train_prop", "--pretrained_cap_model_path", str(tmp_path / "c.pt")]
+    )
+    with pytest.raises(InputError, match=r"c\.pt: its config has no 'd_model'"):
+        encoder_from_captioning(cfg)

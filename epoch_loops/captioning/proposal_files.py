@@ -78,18 +78,32 @@ def _plain(value: Any) -> Any:
 FIXED_SETTINGS = {"modality": "audio_video", "use_linear_embedder": False, "layer_norm": False}
 
 
-def bmt_encoder_sizes(stored: Mapping[str, Any]) -> dict[str, int]:
+# ProposalConfig field ← the BMT config field it is read from.
+BMT_ENCODER_FIELDS = {
+    "d_vid": "d_model_video",
+    "d_aud": "d_model_audio",
+    "d_model": "d_model",
+    "H": "H",
+    "N": "N",
+    "d_ff_vid": "d_ff_video",
+    "d_ff_aud": "d_ff_audio",
+}
+
+
+def bmt_encoder_sizes(stored: Mapping[str, Any], source: str) -> dict[str, int]:
     """The bimodal encoder's sizes in a BMT config (`best_prop_model.pt` or `best_cap_model.pt`), as
-    `ProposalConfig` fields."""
-    return {
-        "d_vid": int(stored["d_model_video"]),
-        "d_aud": int(stored["d_model_audio"]),
-        "d_model": int(stored["d_model"]),
-        "H": int(stored["H"]),
-        "N": int(stored["N"]),
-        "d_ff_vid": int(stored["d_ff_video"]),
-        "d_ff_aud": int(stored["d_ff_audio"]),
-    }
+    `ProposalConfig` fields; a missing or non-integer field is one line naming `source` and the field."""
+    sizes = {}
+    for field, bmt_field in BMT_ENCODER_FIELDS.items():
+        try:
+            sizes[field] = int(stored[bmt_field])
+        except KeyError:
+            raise InputError(f"{source}: its config has no {bmt_field!r} (the encoder's sizes)") from None
+        except (TypeError, ValueError):
+            raise InputError(
+                f"{source}: config {bmt_field} = {stored[bmt_field]!r} is not an integer"
+            ) from None
+    return sizes
 
 
 def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], source: str) -> ProposalConfig:
@@ -105,7 +119,7 @@ def proposal_config(stored: Mapping[str, Any], anchors: Mapping[str, Any], sourc
             if any(abs(float(given[m]) - table[m]) > 1e-6 for m in MODALITIES):
                 raise InputError(f"{source}: config {name} = {given} differs from the original's {table}")
         return ProposalConfig(
-            **bmt_encoder_sizes(stored),
+            **bmt_encoder_sizes(stored, source),
             dout_p=float(stored.get("dout_p", 0.1)),
             conv_layers_audio=tuple(int(w) for w in stored["conv_layers_audio"]),
             conv_layers_video=tuple(int(w) for w in stored["conv_layers_video"]),
@@ -194,7 +208,7 @@ def encoder_from_captioning(cfg) -> tuple[ProposalConfig, dict[str, torch.Tensor
         if "model_state_dict" not in state or "config" not in state:
             raise InputError(f"--pretrained_cap_model_path {path}: not BMT's best_cap_model.pt layout")
         stored = state["config"]
-        sizes = ProposalConfig(**bmt_encoder_sizes(stored))
+        sizes = ProposalConfig(**bmt_encoder_sizes(stored, f"--pretrained_cap_model_path {path}"))
         prefix = "encoder."
         weights = {
             k.removeprefix("module.").removeprefix(prefix): v
