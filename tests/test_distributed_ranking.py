@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.demo import ensure_ranking_demo
+from datasets.demo import ensure_letor_demo, ensure_ranking_demo
 from datasets.loader import prefetched
 from datasets.ranking.lrmovienet import ClipFeatures, LabelBatch, RewardTripletDataset, read_clip_list
 from epoch_loops.ranking.ppo import minibatch_features, minibatch_loss, objective_loss
@@ -20,6 +20,7 @@ from main import build_parser, main
 from model.ranking.scorer import LabelRankingConfig
 from tests.conftest import REPO
 from tests.test_distributed import ENV, TORCHRUN
+from tests.test_letor_transfer import SMALL as LETOR_SMALL
 from tests.test_ranking_training import SIZES, demo, ppo_setup, stage_argv, trained  # noqa: F401 (fixtures)
 from utilities.checkpoint import load_checkpoint
 from utilities.config import config_from_argv
@@ -41,18 +42,26 @@ def small_demo(tmp_path_factory):
 
 
 def on_one_and_two(demo_paths, log_dir: Path, procedure: str, *flags: str) -> dict[str, Path]:
-    """The same stage on 1 process (in this one) and under torchrun with 2: the two run directories."""
+    """An LRMovieNet stage on 1 process and on 2: the two run directories."""
+    return one_and_two(
+        log_dir, procedure, procedure, stage_argv(demo_paths, log_dir, procedure, "x", *COMMON, *flags)
+    )
+
+
+def one_and_two(log_dir: Path, procedure: str, name: str, argv: list[str]) -> dict[str, Path]:
+    """`argv` under torchrun with 2 processes, then on 1 (in this one), as runs `<name>_two` and `<name>_one` of
+    `log_dir` (the later --exp_name / --log_dir win): the two run directories."""
     runs = {}
-    for name in ("one", "two"):
-        argv = stage_argv(demo_paths, log_dir, procedure, f"{procedure}_{name}", *COMMON, *flags)
-        if name == "one":
-            assert main(argv) == 0
+    for n in ("two", "one"):
+        full = [*argv, "--exp_name", f"{name}_{n}", "--log_dir", str(log_dir)]
+        if n == "one":
+            assert main(full) == 0
         else:
             done = subprocess.run(
-                [*TORCHRUN, str(REPO / "main.py"), *argv], env=ENV, capture_output=True, text=True
+                [*TORCHRUN, str(REPO / "main.py"), *full], env=ENV, capture_output=True, text=True
             )
             assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = log_dir / procedure / f"{procedure}_{name}"
+        runs[n] = log_dir / procedure / f"{name}_{n}"
     return runs
 
 
@@ -248,3 +257,26 @@ def test_the_demos_ranking_stage_configs_split_over_two_processes():
     for settings in (*STAGES.values(), *OBJECTIVES.values(), *LETOR_STAGES.values()):
         for flag in ("batch_size", "minibatch_size"):
             assert settings.get(flag, 2) % 2 == 0, (flag, settings)
+
+
+@pytest.mark.slow
+def test_letor_stages_on_two_processes_train_the_weights_of_one(tmp_path):
+    """The alignment step and stage 1 of the LETOR transfer on generated folds: the 2-process run packs the
+    feature cache (rank 0 first, rank 1 reads it), then both take the steps of one process."""
+    folds = ensure_letor_demo(tmp_path / "demo", queries=(6, 4, 3, 3), align_target_queries=3)
+    argv = [*LETOR_SMALL, "--source_dir", str(folds.source_dir), "--target_dir", str(folds.target_dir)]
+    argv += ["--letor_cache_dir", str(tmp_path / "cache"), "--epochs_num", "2", "--batch_size", "4"]
+    argv += ["--report_steps", "2", "--xit_dropout", "0", "--learning_rate", "1e-3"]
+    align = one_and_two(
+        tmp_path,
+        "pointwise",
+        "align",
+        ["--procedure", "pointwise", "--task", "letor_align", *argv, "--limit_rows", "50"],
+    )
+    assert_same_run(align)
+    aligned = ["--alignment_model_path", str(align["one"] / "checkpoints" / "best.pt")]
+    first = one_and_two(
+        tmp_path, "pointwise", "first", ["--procedure", "pointwise", "--task", "letor", *argv, *aligned]
+    )
+    assert_same_run(first)
+    assert metrics(first["two"])["test"]["clips"] == 3 and metrics(first["two"])["dev"]["clips"] == 3
