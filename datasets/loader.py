@@ -26,7 +26,8 @@ which is requested only when batch n + 1 arrives, after batch n was copied out.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -280,6 +281,27 @@ class CaptionLoader:
         for collated in Batches(self.loader):
             batch = assemble(self.ring.read(collated, self.pin), collated, self.dataset.vocab.pad_idx)
             yield batch.pin_memory() if self.pin else batch
+
+
+_END = object()
+
+
+def prefetched(batches: Iterable[T], pin: bool) -> Iterator[T]:
+    """`batches` (with `pin_memory()`) in order, each next one read in a background thread, and pinned when
+    `pin` (only for a CUDA device), while the caller works on the current one: a loop that reads its features
+    from HDF5 between GPU steps overlaps the read with the step. Only the thread advances `batches`; an error
+    it hits is raised here, at the batch it belongs to."""
+
+    def read(source: Iterator[T]) -> Any:
+        batch = next(source, _END)
+        return batch.pin_memory() if pin and batch is not _END else batch
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        source = iter(batches)
+        pending = pool.submit(read, source)
+        while (batch := pending.result()) is not _END:
+            pending = pool.submit(read, source)
+            yield batch
 
 
 def ring_slots(num_workers: int, prefetch_factor: int = 2) -> int:

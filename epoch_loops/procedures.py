@@ -45,19 +45,19 @@ PROCEDURES: dict[str, Procedure] = {
     "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True, distributed=True),
     "train_prop": Procedure("epoch_loops.captioning.proposals:train_prop", trains=True),
     "predict": Procedure("epoch_loops.captioning.predict:predict"),
-    "pointwise": Procedure("epoch_loops.ranking.stages:pointwise", trains=True),
-    "reward": Procedure("epoch_loops.ranking.stages:reward", trains=True),
-    "ppo": Procedure("epoch_loops.ranking.ppo:ppo", trains=True),
+    "pointwise": Procedure("epoch_loops.ranking.stages:pointwise", trains=True, distributed=True),
+    "reward": Procedure("epoch_loops.ranking.stages:reward", trains=True, distributed=True),
+    "ppo": Procedure("epoch_loops.ranking.ppo:ppo", trains=True, distributed=True),
     "export_ranking": Procedure("epoch_loops.ranking.checkpoints:export_ranking"),
     "letor_baselines": Procedure("epoch_loops.ranking.letor:baselines"),
 }
 
 # `--task` selects another implementation of some procedures: LR²PPO's LETOR transfer experiment.
 TASK_PROCEDURES: dict[tuple[str, str], Procedure] = {
-    ("pointwise", "letor_align"): Procedure("epoch_loops.ranking.letor:align", trains=True),
-    ("pointwise", "letor"): Procedure("epoch_loops.ranking.letor:pointwise", trains=True),
-    ("reward", "letor"): Procedure("epoch_loops.ranking.letor:reward", trains=True),
-    ("ppo", "letor"): Procedure("epoch_loops.ranking.letor:ppo", trains=True),
+    ("pointwise", "letor_align"): Procedure("epoch_loops.ranking.letor:align", trains=True, distributed=True),
+    ("pointwise", "letor"): Procedure("epoch_loops.ranking.letor:pointwise", trains=True, distributed=True),
+    ("reward", "letor"): Procedure("epoch_loops.ranking.letor:reward", trains=True, distributed=True),
+    ("ppo", "letor"): Procedure("epoch_loops.ranking.letor:ppo", trains=True, distributed=True),
     ("eval", "letor"): Procedure("epoch_loops.ranking.letor:evaluate"),
     ("data_summary", "letor"): Procedure("epoch_loops.ranking.letor:data_summary"),
 }

@@ -217,11 +217,11 @@ def test_a_global_batch_that_does_not_split_is_a_one_line_error(tmp_path):
 
 
 def test_a_procedure_that_runs_in_one_process_refuses_torchrun(tmp_path):
-    argv = ["--procedure", "pointwise", "--log_dir", str(tmp_path / "log"), "--no-progress"]
+    argv = ["--procedure", "export_ranking", "--log_dir", str(tmp_path / "log"), "--no-progress"]
     done = subprocess.run([*TORCHRUN, str(REPO / "main.py"), *argv], env=ENV, capture_output=True, text=True)
     assert done.returncode != 0
     assert re.search(
-        r"main.py: error: rank [01]: --procedure pointwise runs in one process \(torchrun", done.stderr
+        r"main.py: error: rank [01]: --procedure export_ranking runs in one process \(torchrun", done.stderr
     )
     assert not (tmp_path / "log").exists()
 

@@ -103,6 +103,14 @@ def loss_normaliser(count: torch.Tensor) -> torch.Tensor:
     return global_sum(local).float() / world_size()
 
 
+def global_mean(local_mean: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """A loss that is the mean over this rank's `count` items, rescaled so that the gradients averaged over the
+    ranks are those of the mean over the whole global batch (× count / `loss_normaliser`). On one process the
+    factor is exactly 1: the loss is unchanged to the bit."""
+    count = torch.as_tensor(count, device=local_mean.device)
+    return local_mean * (count.float() / loss_normaliser(count))
+
+
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Average the gradients of `params` over the processes in one all-reduce, so every rank takes the same
     optimiser step. A parameter without a gradient on this rank counts as zeros; one without a gradient on every

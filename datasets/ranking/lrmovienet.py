@@ -295,6 +295,8 @@ class LabelBatch:
     chosen: torch.Tensor | None = None  # (B, 4) int64
     rejected: torch.Tensor | None = None
     from_source: torch.Tensor | None = None  # (B,) bool, LETOR alignment batches
+    indices: list[int] | None = None  # the items' dataset indices (set by the stages' loader)
+    stand_in: bool = False  # under torchrun: a rank's empty share of a global batch, stepped on with weight 0
 
     def __len__(self) -> int:
         return len(self.clip_ids)

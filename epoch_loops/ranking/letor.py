@@ -53,6 +53,7 @@ from epoch_loops.ranking.stages import (
     pointwise_stage,
     print_dry_run,
     print_trainable,
+    real_labels,
     require,
     reward_stage,
     score_clips,
@@ -61,6 +62,7 @@ from epoch_loops.ranking.stages import (
 from evaluation.ranking import SELECTION_METRIC, clip_ndcg, mean_ndcg
 from model.ranking.losses import pointwise_loss
 from model.ranking.scorer import AlignmentModel, LabelRankingConfig, alignment_widths
+from utilities import distributed
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.files import write_json_atomic
@@ -77,13 +79,18 @@ BRANCH = {"target": "text_proj", "source": "text_proj3"}  # the alignment model'
 
 def read_fold(cfg: Config, fold: str, widths: dict[str, int]) -> dict[tuple[str, str], PackedSplit]:
     """Every split of `fold` of both domains (`--source_dir`, `--target_dir`), raw, through the packed cache;
-    `--limit_rows` cuts the training files only."""
+    `--limit_rows` cuts the training files only. Under torchrun rank 0 reads (and packs) first, the other
+    ranks after it, from its cache."""
     require(cfg, "source_dir", "target_dir")
     splits = {}
+    if not is_rank0():
+        distributed.barrier()
     for domain in DOMAINS:
         for split, path in fold_files(getattr(cfg, f"{domain}_dir"), fold).items():
             limit = cfg.limit_rows if split == "train" else None
             splits[domain, split] = load_split(path, widths[domain], cfg.letor_cache_dir, limit)
+    if is_rank0():
+        distributed.barrier()
     return splits
 
 
@@ -157,7 +164,13 @@ def align(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     print_trainable(model)
     train = QueryLists(both_train(data), cfg.seed)
     stage = SupervisedStage(
-        "align", model, train, _align_loss, ndcg_evaluators(cfg, target_splits(cfg, data)), SELECTION_METRIC
+        "align",
+        model,
+        train,
+        _align_loss,
+        real_labels,
+        ndcg_evaluators(cfg, target_splits(cfg, data)),
+        SELECTION_METRIC,
     )
     return train_supervised(cfg, run, stage)
 

@@ -15,6 +15,15 @@ the feature tensors on the GPU, about 6 GB); each minibatch re-reads its feature
 frame order included, so the update sees exactly what the rollout saw. Actor and critic run without dropout
 throughout, so the policy that sampled is the policy the ratio compares against (the original updated in train
 mode, spec §8.8). Resuming (`--resume last.pt`) continues after the last completed update, exactly.
+
+Under torchrun `--batch_size` and `--minibatch_size` are global. Each rank collects its share of every global
+rollout batch; the small rollout records are gathered, so every rank holds the whole rollout in the order one
+process collects it (the advantage normalisation is the rollout's), takes the same global minibatch
+permutation and trains on its share of each minibatch, its loss rescaled so that the averaged gradient is the
+minibatch's (`global_mean`). Plackett–Luce orders are drawn per pair from a stream keyed by (seed, epoch, the
+pair's dataset index), so N processes sample what one does. The next minibatch's (and rollout batch's)
+features are read in a background thread, pinned on CUDA (`prefetched`). `--amp` runs the actor's and the
+critic's forward passes under autocast (bf16 by default on CUDA); rewards and losses stay fp32.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from datasets.loader import prefetched
 from datasets.ranking.lrmovienet import ClipDataset, LabelBatch, PPOPairDataset, read_clip_list
 from epoch_loops.ranking.checkpoints import (
     RankingWeights,
@@ -42,6 +52,7 @@ from epoch_loops.ranking.stages import (
     graded_splits,
     load_best,
     loader,
+    log_step,
     ndcg,
     open_features,
     print_dry_run,
@@ -55,9 +66,12 @@ from epoch_loops.training import (
     Optimisation,
     Saver,
     adamw,
+    autocast,
     checkpoint_state,
+    grad_scaler,
     linear_schedule,
     optimiser_step,
+    precision,
     resume,
 )
 from evaluation.ranking import SELECTION_METRIC
@@ -70,11 +84,12 @@ from model.ranking.scorer import (
     plackett_luce_log_prob,
     sample_plackett_luce,
 )
+from utilities import distributed
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.log import progress
 from utilities.run_dir import RunDir
-from utilities.seeding import Stream, data_generator, stream_seed
+from utilities.seeding import RowStreams, Stream, data_generator, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +144,7 @@ class PPOModels:
     reward: RewardModel  # frozen
     reference: FusionScorer | None  # frozen initial actor (clip objective)
     sizes: LabelRankingConfig  # the settings the stage checkpoints carry
+    amp: str = "none"  # --amp as resolved for the device: the actor's and critic's forward passes
 
     @property
     def policy(self) -> nn.ModuleDict:
@@ -147,7 +163,8 @@ def build_models(cfg: Config) -> PPOModels:
     critic = load_weights(sizes.build_reward_model(), reward_state(reward_weights), reward_weights.source)
     reward_model = copy.deepcopy(critic).requires_grad_(False)
     reference = copy.deepcopy(actor).requires_grad_(False) if cfg.ppo_objective == "clip" else None
-    models = PPOModels(actor, critic, reward_model, reference, sizes)
+    amp = precision(cfg.amp, torch.device(cfg.device))
+    models = PPOModels(actor, critic, reward_model, reference, sizes, amp)
     for model in (actor, critic, reward_model, reference):
         if model is not None:
             model.to(cfg.device).eval()  # no dropout anywhere in PPO
@@ -208,6 +225,8 @@ def train_ppo(
     cfg: Config, run: RunDir, models: PPOModels, train: PPOPairDataset, splits: dict[str, ClipDataset]
 ) -> dict[str, Any]:
     minibatch = cfg.minibatch_size or cfg.batch_size
+    distributed.check_global_batch("batch_size", cfg.batch_size)
+    distributed.check_global_batch("minibatch_size" if cfg.minibatch_size else "batch_size", minibatch)
     sizes = rollout_sizes(len(train), cfg.batch_size, cfg.update_timesteps)
     steps_per_epoch = cfg.ppo_epochs * sum(math.ceil(n / minibatch) for n in sizes)
     batches_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -218,7 +237,12 @@ def train_ppo(
         cfg.ranking_weight_decay,
     )
     opt = Optimisation(
-        "ppo", optimizer, cfg.grad_clip, run, linear_schedule(optimizer, total_steps, cfg.warmup)
+        "ppo",
+        optimizer,
+        cfg.grad_clip,
+        run,
+        linear_schedule(optimizer, total_steps, cfg.warmup),
+        scaler=grad_scaler(models.amp, torch.device(cfg.device)),
     )
     updates, epoch, batches_done = 0, 0, 0
     logs: dict[str, list[float]] = {}
@@ -237,17 +261,19 @@ def train_ppo(
         if batches_done >= batches_per_epoch:
             epoch, batches_done = epoch + 1, 0
             continue
-        parts: list[Rollout] = []
+        parts: list[Rollout | None] = []  # this rank's share of each global batch (None: a stand-in)
         batches = loader(cfg, train, epoch=epoch, shuffle=True, skip_batches=batches_done)
-        for batch in progress(batches, desc=f"ppo epoch {epoch + 1}/{cfg.epochs_num}"):
-            generator = torch.Generator(cfg.device).manual_seed(
-                stream_seed(Stream.ROLLOUT, cfg.seed, epoch, batches_done)
-            )
-            parts.append(collect(cfg, models, batch.to(cfg.device), generator))
+        pin = torch.device(cfg.device).type == "cuda"
+        for batch in progress(prefetched(batches, pin), desc=f"ppo epoch {epoch + 1}/{cfg.epochs_num}"):
+            if batch.stand_in:
+                parts.append(None)
+            else:
+                streams = RowStreams([stream_seed(Stream.ROLLOUT, cfg.seed, epoch, i) for i in batch.indices])
+                parts.append(collect(cfg, models, batch.to(cfg.device, non_blocking=True), streams))
             batches_done += 1
             if len(parts) < cfg.update_timesteps and batches_done < batches_per_epoch:
                 continue
-            rollout = Rollout.concat(parts)
+            rollout = global_rollout(parts)
             parts = []
             update(cfg, models, train, rollout, opt, updates, logs)
             updates += 1
@@ -258,6 +284,7 @@ def train_ppo(
                 save_best(saver, "ppo", policy, cfg, step=opt.step, updates=updates, dev=metrics)
             state = checkpoint_state(opt, cfg, policy, epoch=epoch, best_metric=best)
             saver.save("last.pt", {**state, "kind": "ppo", "batches_done": batches_done, "updates": updates})
+            distributed.barrier()  # the checkpoints are complete before any rank goes on
             report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
     selected = load_best(run, policy)
     metrics = {
@@ -272,18 +299,30 @@ def train_ppo(
     return write_final_metrics(run, cfg, headline, metrics)
 
 
+def global_rollout(parts: list[Rollout | None]) -> Rollout:
+    """The rollout of the global batches as one process collects it: batch after batch, each batch's shares in
+    rank order (a stand-in share holds nothing). Every rank gets it whole: it holds no features."""
+    shares = distributed.gather([parts])  # per rank, its parts
+    return Rollout.concat([p for j in range(len(parts)) for rank in shares if (p := rank[j]) is not None])
+
+
 @torch.no_grad()
-def collect(cfg: Config, models: PPOModels, batch: LabelBatch, generator: torch.Generator) -> Rollout:
-    """One rollout batch: act on every pair, score the ranked pair with the reward model, value the state."""
-    scores = models.actor(batch.frames, batch.text)
+def collect(
+    cfg: Config, models: PPOModels, batch: LabelBatch, generator: torch.Generator | RowStreams
+) -> Rollout:
+    """One rollout batch: act on every pair, score the ranked pair with the reward model, value the state. The
+    Plackett–Luce orders (clip objective) draw from `generator`: one stream per pair (`RowStreams`) in
+    training."""
+    with autocast(models.amp, batch.frames.device):
+        scores = models.actor(batch.frames, batch.text).float()
+        value = models.critic(batch.frames, batch.text).float()
+        ref = None if models.reference is None else models.reference(batch.frames, batch.text).float().cpu()
     if cfg.ppo_objective == "lr2ppo":
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     else:
         order = sample_plackett_luce(scores, temperature=cfg.pl_temperature, generator=generator)
     context = torch.arange(2, device=scores.device).expand_as(order)
     reward = models.reward(batch.frames, batch.text, torch.cat([context, order], dim=1))
-    value = models.critic(batch.frames, batch.text)
-    ref = None if models.reference is None else models.reference(batch.frames, batch.text).cpu()
     return Rollout(
         clip_ids=list(batch.clip_ids),
         labels=batch.labels.cpu(),
@@ -306,32 +345,62 @@ def update(
     updates: int,
     logs: dict[str, list[float]],
 ) -> None:
-    """`--ppo_epochs` passes over the rollout in shuffled minibatches, one optimiser step each."""
+    """`--ppo_epochs` passes over the (whole, global) rollout in shuffled minibatches, one optimiser step each;
+    this rank trains on its share of each minibatch, its features read ahead in the background."""
     if cfg.ppo_objective == "clip":
         advantage = rollout.reward - rollout.value_old
         rollout.advantage = (advantage - advantage.mean()) / (advantage.std(unbiased=False) + 1e-8)
     logs.setdefault("reward", []).append(float(rollout.reward.mean()))
     logs.setdefault("value", []).append(float(rollout.value_old.mean()))
+    steps = minibatch_shares(cfg, len(rollout), updates)
+    parts = [rollout.select(torch.tensor(mine)) for _, mine, _ in steps]
+    pin = torch.device(cfg.device).type == "cuda"
+    features = prefetched((minibatch_features(dataset, part) for part in parts), pin)
+    for (ppo_epoch, _, stand_in), part, batch in zip(steps, parts, features, strict=True):
+        with distributed.stand_in(stand_in):
+            loss, stats = objective_loss(cfg, models, part, batch.to(cfg.device, non_blocking=True))
+            where = f"update {updates + 1}, ppo epoch {ppo_epoch + 1}"
+            optimiser_step(opt, distributed.global_mean(loss, len(part)), where)
+        log_step(logs, loss, stats, 0.0 if stand_in else float(len(part)))
+
+
+def minibatch_shares(cfg: Config, n: int, updates: int) -> list[tuple[int, list[int], bool]]:
+    """Per optimiser step of an update over a rollout of `n` pairs: the PPO epoch, this rank's share of the
+    global minibatch (positions in the rollout) and whether it is a stand-in (an empty share: the minibatch's
+    first pair, stepped on with weight 0). The minibatch order depends on (seed, update, PPO epoch) only."""
     minibatch = cfg.minibatch_size or cfg.batch_size
+    steps = []
     for ppo_epoch in range(cfg.ppo_epochs):
         generator = data_generator(stream_seed(Stream.MINIBATCH, cfg.seed, updates, ppo_epoch))
-        for index in torch.randperm(len(rollout), generator=generator).split(minibatch):
-            part = rollout.select(index)
-            loss, stats = minibatch_loss(cfg, models, dataset, part)
-            optimiser_step(opt, loss, f"update {updates + 1}, ppo epoch {ppo_epoch + 1}")
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                logs.setdefault(name, []).append(float(value))
+        for index in torch.randperm(n, generator=generator).split(minibatch):
+            mine = distributed.share(index.tolist())
+            steps.append((ppo_epoch, mine or index[:1].tolist(), not mine))
+    return steps
+
+
+def minibatch_features(dataset: PPOPairDataset, part: Rollout) -> LabelBatch:
+    """A minibatch's features re-read from the dataset, frame order included: what the rollout saw."""
+    return dataset.fetch(part.clip_ids, part.labels.tolist(), part.frame_keys.tolist())
 
 
 def minibatch_loss(
     cfg: Config, models: PPOModels, dataset: PPOPairDataset, part: Rollout
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Re-read the minibatch's features and compute the objective's loss."""
-    batch = dataset.fetch(part.clip_ids, part.labels.tolist(), part.frame_keys.tolist()).to(cfg.device)
+    """Re-read the minibatch's features in this thread and compute the objective's loss (what `update` does
+    with the features read ahead)."""
+    return objective_loss(cfg, models, part, minibatch_features(dataset, part).to(cfg.device))
+
+
+def objective_loss(
+    cfg: Config, models: PPOModels, part: Rollout, batch: LabelBatch
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective's loss on a minibatch (a mean over its pairs) and its statistics. Under `--amp` the actor
+    and the critic run under autocast; the losses are computed in fp32."""
     on = {f.name: getattr(part, f.name) for f in fields(part)}
     on = {k: v.to(cfg.device) for k, v in on.items() if isinstance(v, Tensor)}
-    scores = models.actor(batch.frames, batch.text)
-    value = models.critic(batch.frames, batch.text)
+    with autocast(models.amp, batch.frames.device):
+        scores = models.actor(batch.frames, batch.text).float()
+        value = models.critic(batch.frames, batch.text).float()
     if cfg.ppo_objective == "lr2ppo":
         return lr2ppo_loss(
             scores,

@@ -11,8 +11,13 @@ state (`checkpoints/last.pt`, for `--resume`), and at the end reports the select
 Fixed against the original (spec §8): one AdamW with PyTorch's no-decay groups (biases and norm weights), a
 linear warm-up/decay schedule over the real number of optimiser steps, deterministic evaluation (stored frame
 order, label-position tie rule), the test split reported, a NaN loss stops the run naming the step.
-DDP-ready: no module-level state, losses are per-batch means, and the optimiser step, NaN stop, checkpoint
-writes and resume are the shared machinery's (epoch_loops/training.py).
+The optimiser step, NaN stop, checkpoint writes and resume are the shared machinery's (epoch_loops/training.py).
+
+Under torchrun (`torchrun --nproc_per_node=N main.py --procedure pointwise ...`) `--batch_size` is the global
+batch: the global batches are those of one process (order by (seed, epoch)), each rank trains on its contiguous
+share of each, a batch's loss is rescaled so that the averaged gradient is the global batch's (`global_mean`),
+and every random draw of a sample is keyed by its dataset index. Validation is sharded: each rank scores its
+contiguous part of a split, rank 0 computes the metrics from the gathered scores and hands them to every rank.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from datasets.loader import Batches, BatchReader, as_collated
+from datasets.loader import Batches, BatchReader, ShardedBatchSampler, as_collated
 from datasets.ranking.lrmovienet import (
     ClipDataset,
     ClipFeatures,
@@ -64,6 +69,7 @@ from model.ranking.scorer import (
     RewardModel,
     count_trainable_parameters,
 )
+from utilities import distributed
 from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
 from utilities.errors import InputError, TrainingError
@@ -96,25 +102,42 @@ def graded_splits(cfg: Config, features: ClipFeatures) -> dict[str, ClipDataset]
     }
 
 
+class _LabelReader(BatchReader):
+    """A batch of label items that knows its dataset indices and whether it is a stand-in share."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, collate_labels)
+
+    def read(self, indices: list[int]) -> LabelBatch:
+        batch = self.collate([self.dataset[i] for i in indices])
+        batch.indices, batch.stand_in = list(indices), getattr(indices, "stand_in", False)
+        return batch
+
+
 def loader(
     cfg: Config, dataset: Dataset, *, epoch: int = 0, shuffle: bool = False, skip_batches: int = 0
 ) -> Batches[LabelBatch]:
-    """The batches of one epoch. The order depends on (seed, epoch) only and is cut after `skip_batches`
-    batches, so a resumed run continues exactly where the checkpoint left off; worker seeds come from their own
-    generator, never from the global RNG that dropout draws from. A worker's InputError is raised as is."""
+    """The batches of one epoch. Training (`shuffle`): global batches of `--batch_size` in an order that depends
+    on (seed, epoch) only, cut after `skip_batches` batches so that a resumed run continues exactly where the
+    checkpoint left off, on any number of processes; this rank gets its share of each (`stand_in` set where the
+    share is empty). Evaluation: this rank's contiguous part of the dataset in file order. Worker seeds come
+    from their own generator, never from the global RNG that dropout draws from. A worker's InputError is
+    raised as is."""
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     if shuffle:
         order = torch.randperm(
             len(dataset), generator=data_generator(stream_seed(Stream.SHUFFLE, cfg.seed, epoch))
         )
+        global_batches = BatchSampler(order[skip_batches * cfg.batch_size :].tolist(), cfg.batch_size, False)
+        batches: Any = ShardedBatchSampler(global_batches)
     else:
-        order = torch.arange(len(dataset))
+        part = distributed.share(range(len(dataset)))
+        batches = BatchSampler(part, -(-cfg.batch_size // distributed.world_size()), False)
     return Batches(
         DataLoader(
-            BatchReader(dataset, collate_labels),
-            batch_size=cfg.batch_size,
-            sampler=order[skip_batches * cfg.batch_size :].tolist(),
+            _LabelReader(dataset),
+            batch_sampler=batches,
             collate_fn=as_collated,
             num_workers=cfg.num_workers,
             worker_init_fn=seed_worker,
@@ -130,7 +153,9 @@ def save_best(saver: Saver, kind: str, model: nn.Module, cfg: Config, **extra: A
 
 
 def load_best(run: RunDir, model: nn.Module) -> dict[str, Any]:
-    """Put `checkpoints/best.pt`'s weights into `model`; returns the checkpoint (its step / update)."""
+    """Put `checkpoints/best.pt`'s weights into `model`; returns the checkpoint (its step / update). Under
+    torchrun every rank reads the file rank 0 wrote, after it is complete."""
+    distributed.barrier()
     path = run.path / "checkpoints" / "best.pt"
     weights = read_ranking_weights(path)
     load_weights(model, weights.state, weights.source)
@@ -138,7 +163,8 @@ def load_best(run: RunDir, model: nn.Module) -> dict[str, Any]:
 
 
 def print_trainable(*models: nn.Module) -> None:
-    print(f"trainable parameters: {sum(count_trainable_parameters(m) for m in models)}")
+    if is_rank0():
+        print(f"trainable parameters: {sum(count_trainable_parameters(m) for m in models)}")
 
 
 def print_dry_run(*builders: Callable[[], nn.Module]) -> None:
@@ -152,38 +178,47 @@ def print_dry_run(*builders: Callable[[], nn.Module]) -> None:
 
 @torch.no_grad()
 def score_clips(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> list[np.ndarray]:
-    """Every clip's label scores, in the clip's label order (stored frame order: deterministic). A NaN or
-    infinite score stops here, naming the clip: sorted, it would give a plausible but meaningless NDCG."""
+    """Every clip's label scores, in the clip's label order (stored frame order: deterministic); under torchrun
+    each rank scores its part and every rank gets all of them, in file order, each clip once. A NaN or
+    infinite score stops every rank here, naming the clip: sorted, it would give a plausible but meaningless
+    NDCG."""
     scorer.eval()
-    scores = []
+    scored = []
     for batch in loader(cfg, dataset):
         batch = batch.to(cfg.device)
         out = scorer(batch.frames, batch.text).float().cpu().numpy()
         for clip_id, row, n in zip(batch.clip_ids, out, batch.mask.sum(1).tolist(), strict=True):
-            scores.append(row[: int(n)])
-            bad = np.flatnonzero(~np.isfinite(scores[-1]))
-            if bad.size:
-                tag = dataset.clips.by_id()[clip_id].tags[bad[0]]
-                raise TrainingError(
-                    f"{dataset.clips.path}: clip {clip_id}: the model gives {bad.size} of its {int(n)} labels a "
-                    f"non-finite score (label {bad[0]} {tag!r}: {scores[-1][bad[0]]}); no NDCG is computed "
-                    "from such scores"
-                )
-    return scores
+            scored.append((clip_id, row[: int(n)]))
+    scored = distributed.gather(scored)
+    for clip_id, scores in scored:
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if bad.size:
+            tag = dataset.clips.by_id()[clip_id].tags[bad[0]]
+            raise TrainingError(
+                f"{dataset.clips.path}: clip {clip_id}: the model gives {bad.size} of its {len(scores)} labels a "
+                f"non-finite score (label {bad[0]} {tag!r}: {scores[bad[0]]}); no NDCG is computed "
+                "from such scores"
+            )
+    return [scores for _, scores in scored]
 
 
 def ndcg(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> dict[str, float | int]:
-    """NDCG@k averaged over the dataset's clips (the metrics JSON of `eval --task ranking`)."""
+    """NDCG@k averaged over the dataset's clips (the metrics JSON of `eval --task ranking`), computed on rank 0
+    and handed to every rank (it selects the checkpoint everywhere)."""
     scores = score_clips(cfg, scorer, dataset)
-    clips = dataset.clips.clips
-    return mean_ndcg(
-        [clip_ndcg(s, c.targets, cfg.ndcg_empty_ideal) for s, c in zip(scores, clips, strict=True)]
-    )
+    metrics = None
+    if is_rank0():
+        clips = dataset.clips.clips
+        metrics = mean_ndcg(
+            [clip_ndcg(s, c.targets, cfg.ndcg_empty_ideal) for s, c in zip(scores, clips, strict=True)]
+        )
+    return distributed.from_rank0(metrics)
 
 
 @torch.no_grad()
 def reward_pair_accuracy(cfg: Config, model: RewardModel, dataset: RewardTripletDataset) -> dict[str, float]:
-    """Share of comparisons where R(chosen) > R(rejected), and the mean reward margin."""
+    """Share of comparisons where R(chosen) > R(rejected), and the mean reward margin: each rank scores its
+    part of the comparisons, rank 0 the metrics over all of them (each counted once), handed to every rank."""
     model.eval()
     chosen, rejected = [], []
     for batch in loader(cfg, dataset):
@@ -191,8 +226,16 @@ def reward_pair_accuracy(cfg: Config, model: RewardModel, dataset: RewardTriplet
         vectors = model.label_features(batch.frames, batch.text)
         chosen.append(model.score_slots(vectors, batch.chosen).float().cpu())
         rejected.append(model.score_slots(vectors, batch.rejected).float().cpu())
-    c, r = torch.cat(chosen).numpy(), torch.cat(rejected).numpy()
-    return {"pair_accuracy": pair_accuracy(c, r), "margin": float(np.mean(c - r)), "comparisons": len(c)}
+    c = torch.cat(distributed.gather(chosen)).numpy()
+    r = torch.cat(distributed.gather(rejected)).numpy()
+    metrics = None
+    if is_rank0():
+        metrics = {
+            "pair_accuracy": pair_accuracy(c, r),
+            "margin": float(np.mean(c - r)),
+            "comparisons": len(c),
+        }
+    return distributed.from_rank0(metrics)
 
 
 def evaluate_checkpoint(cfg: Config, run: RunDir) -> dict[str, float | int]:
@@ -230,13 +273,15 @@ class SupervisedStage:
     kind: str
     model: nn.Module
     train: Dataset
-    loss: Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]
+    loss: Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]  # a mean over the batch's ...
+    count: Callable[[LabelBatch], Tensor | int]  # ... items: its labels (graded lists) or its comparisons
     evaluate: dict[str, Callable[[nn.Module], dict]]  # "dev" / "test" → metrics
     selection: str  # the key of the dev metrics that selects the checkpoint
     logs: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[str, Any]:
+    distributed.check_global_batch("batch_size", cfg.batch_size)
     model, saver = stage.model, Saver(run)
     steps_per_epoch = math.ceil(len(stage.train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs_num
@@ -254,10 +299,12 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
         model.train()
         batches = loader(cfg, stage.train, epoch=epoch, shuffle=True, skip_batches=skip)
         for batch in progress(batches, desc=f"{stage.kind} epoch {epoch + 1}/{cfg.epochs_num}"):
-            loss, stats = stage.loss(model, batch.to(cfg.device, non_blocking=True))
-            optimiser_step(opt, loss, f"epoch {epoch + 1}")
-            for name, value in {"loss": loss.detach(), **stats}.items():
-                stage.logs.setdefault(name, []).append(float(value))
+            batch = batch.to(cfg.device, non_blocking=True)
+            with distributed.stand_in(batch.stand_in):
+                loss, stats = stage.loss(model, batch)
+                count = stage.count(batch)
+                optimiser_step(opt, distributed.global_mean(loss, count), f"epoch {epoch + 1}")
+            log_step(stage.logs, loss, stats, 0.0 if batch.stand_in else float(count))
             if opt.step % cfg.report_steps and opt.step != total_steps:
                 continue
             metrics = stage.evaluate["dev"](model)
@@ -268,6 +315,7 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
                 save_best(saver, stage.kind, model, cfg, step=opt.step, dev=metrics)
             state = checkpoint_state(opt, cfg, model, epoch=opt.step // steps_per_epoch, best_metric=best)
             saver.save("last.pt", {**state, "kind": stage.kind})
+            distributed.barrier()  # the checkpoints are complete before any rank goes on
             report(run, stage.kind, opt.step, stage.logs, metrics, scheduler.get_last_lr()[0], improved)
     best_state = load_best(run, model)
     metrics = {
@@ -281,9 +329,19 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
     )
 
 
+def log_step(logs: dict[str, list[float]], loss: Tensor, stats: dict[str, Tensor], count: float) -> None:
+    """Record a step's loss and statistics (means over this rank's `count` items), under torchrun the
+    count-weighted mean over the ranks: the numbers one process logs for the same global batch."""
+    values = {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()}}
+    for name, value in distributed.mean_over_ranks(values, count).items():
+        logs.setdefault(name, []).append(value)
+
+
 def write_final_metrics(run: RunDir, cfg: Config, headline: str, metrics: dict) -> dict:
     """Print the selected model's dev and test NDCG under `headline`; write the metrics JSON (run and
-    --metrics_out)."""
+    --metrics_out). Rank 0 only."""
+    if not is_rank0():
+        return metrics
     print(headline)
     for split in ("dev", "test"):
         print(
@@ -335,6 +393,11 @@ def reward_batch_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[
     return loss
 
 
+def real_labels(batch: LabelBatch) -> Tensor:
+    """What the pointwise loss averages over: the batch's real (unpadded) labels."""
+    return batch.mask.sum()
+
+
 def ndcg_evaluators(cfg: Config, splits: dict[str, Dataset]) -> dict[str, Callable[[nn.Module], dict]]:
     """Split name → the NDCG@k of a scorer on that split (selection on dev, report on test)."""
     return {s: (lambda m, d=d: ndcg(cfg, m, d)) for s, d in splits.items()}
@@ -345,7 +408,13 @@ def pointwise_stage(
 ) -> SupervisedStage:
     """Stage 1 on any graded lists (LRMovieNet clips, LETOR queries): SmoothL1, selected on dev NDCG@all."""
     return SupervisedStage(
-        "pointwise", model, train, pointwise_batch_loss, ndcg_evaluators(cfg, splits), SELECTION_METRIC
+        "pointwise",
+        model,
+        train,
+        pointwise_batch_loss,
+        real_labels,
+        ndcg_evaluators(cfg, splits),
+        SELECTION_METRIC,
     )
 
 
@@ -354,7 +423,9 @@ def reward_stage(
 ) -> SupervisedStage:
     """Stage 2 on any comparisons: the margin hinge, selected on dev pair accuracy."""
     evaluate = {s: (lambda m, d=d: reward_pair_accuracy(cfg, m, d)) for s, d in splits.items()}
-    return SupervisedStage("reward", model, train, reward_batch_loss(cfg.margin), evaluate, "pair_accuracy")
+    return SupervisedStage(
+        "reward", model, train, reward_batch_loss(cfg.margin), len, evaluate, "pair_accuracy"
+    )
 
 
 def pointwise(cfg: Config, run: RunDir) -> dict[str, Any] | None:

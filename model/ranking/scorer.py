@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from utilities.config import settings_for
 from utilities.errors import InputError
+from utilities.seeding import RowStreams
 
 ScorerHead = Literal["flattened", "pooled"]
 Inputs = Literal["clips", "vectors"]
@@ -433,12 +434,16 @@ def plackett_luce_log_prob(scores: Tensor, order: Tensor, temperature: float = 1
 
 @torch.no_grad()
 def sample_plackett_luce(
-    scores: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None
+    scores: Tensor, temperature: float = 1.0, generator: torch.Generator | RowStreams | None = None
 ) -> Tensor:
-    """Orders `[..., L]` drawn from Plackett–Luce (Gumbel-top-k: argsort of s/τ + Gumbel noise).
-    `generator` must be on scores' device."""
+    """Orders `[..., L]` drawn from Plackett–Luce (Gumbel-top-k: argsort of s/τ + Gumbel noise). `generator`:
+    one on scores' device, or one stream per row (`RowStreams`, on the CPU: a row's order does not depend on
+    the other rows of its batch)."""
     logits = _scaled(scores, temperature)
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    if isinstance(generator, RowStreams):
+        uniform = generator.draw(torch.rand, tuple(logits.shape)).to(logits.device, logits.dtype)
+    else:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     tiny = torch.finfo(logits.dtype).tiny
     gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
     return torch.sort(logits + gumbel, dim=-1, descending=True, stable=True).indices
