@@ -202,6 +202,29 @@ def test_ppo_update_leaves_the_reward_model_untouched(demo, trained):
     assert any(not torch.equal(actor_before[k], v) for k, v in models.actor.state_dict().items())
 
 
+@pytest.mark.parametrize("objective", ["clip", "lr2ppo"])
+def test_ppo_leaves_the_score_shifting_biases_alone_and_they_change_no_ranking(demo, trained, objective):
+    """The biases that shift every label's score alike change no PL probability or pair gap: PPO does not train
+    them (Adam would turn their rounding-noise gradient into lr-sized steps)."""
+    cfg, models, dataset, rollout = ppo_setup(demo, trained, objective)
+    shift = models.actor.shift_parameters()
+    before = [p.clone() for p in shift]
+    batch = dataset.fetch(rollout.clip_ids, rollout.labels.tolist(), rollout.frame_keys.tolist())
+    scores = models.actor(batch.frames, batch.text).detach()
+    with torch.no_grad():
+        for p in shift:
+            p.add_(0.75)
+    shifted = models.actor(batch.frames, batch.text).detach()
+    gap = shifted - scores
+    assert torch.allclose(gap, gap[:1, :1].expand_as(gap), atol=1e-5) and float(gap.abs().min()) > 0.1
+    with torch.no_grad():
+        for p, b in zip(shift, before, strict=True):
+            p.copy_(b)
+    optimizer = adamw([(models.actor, 1e-3), (models.critic, 1e-3)], 0.01)
+    update(cfg, models, dataset, rollout, Optimisation("ppo", optimizer, None), 0, {})
+    assert all(not p.requires_grad and torch.equal(p, b) for p, b in zip(shift, before, strict=True))
+
+
 def test_lr2ppo_weights_each_hinge_by_the_detached_advantage():
     torch.manual_seed(0)
     scores = torch.randn(6, 2, requires_grad=True)

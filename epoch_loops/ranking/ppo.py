@@ -163,6 +163,8 @@ def build_models(cfg: Config) -> PPOModels:
     critic = load_weights(sizes.build_reward_model(), reward_state(reward_weights), reward_weights.source)
     reward_model = copy.deepcopy(critic).requires_grad_(False)
     reference = copy.deepcopy(actor).requires_grad_(False) if cfg.ppo_objective == "clip" else None
+    for bias in actor.shift_parameters():  # ranking objectives see score differences only
+        bias.requires_grad_(False)
     amp = precision(cfg.amp, torch.device(cfg.device))
     models = PPOModels(actor, critic, reward_model, reference, sizes, amp)
     for model in (actor, critic, reward_model, reference):

@@ -270,6 +270,13 @@ class FusionScorer(FusionTrunk):
         """Scores `[B, L]`; labels are scored independently (a padded label's score means nothing)."""
         return self.head(self.label_features(frames, text)).squeeze(-1)
 
+    def shift_parameters(self) -> list[nn.Parameter]:
+        """The biases that add the same amount to every label's score (`out_layer`'s last bias feeds `head`
+        directly). An objective of score differences (Plackett–Luce, the pairwise PPO step) gives them an exactly
+        zero gradient; in floats it is rounding noise, which Adam would scale into steps of the learning rate's
+        size, different on every number of processes. PPO leaves them untrained."""
+        return [self.head.bias, self.out_layer.fc2.bias]
+
 
 class RewardModel(FusionTrunk):
     """R (and the critic V): the trunk's label vectors gathered into slots, + slot embedding, self-XiT, last slot.
