@@ -8,6 +8,7 @@ the real formats) and with small checkpoints trained here, and every command run
 - `torchrun ... main.py ARGS` runs as one process (`python main.py ARGS`, a dry run);
 - `make X` and `./download_data.sh [--flag]` are checked to exist (they download or install).
 A block after an HTML comment `<!-- pending: REASON -->` is skipped with that reason (a feature not merged yet).
+Running them takes about 2 minutes (marked slow); the fast suite parses every command's flags and values.
 
 Also: the first screen fits in 60 lines and names the papers, the two commands and what `make demo` prints; every
 relative link of README.md and docs/ resolves; nothing in the repository sends a reader outside it.
@@ -30,8 +31,9 @@ from datasets.demo import ensure_demo_dataset, ensure_letor_demo, ensure_ranking
 from epoch_loops.demo import DEMO_AGENT, DEMO_PROPOSALS
 from epoch_loops.procedures import PROCEDURES
 from epoch_loops.ranking.demo import MODEL
-from main import main
+from main import build_parser, main
 from tests.conftest import REPO, requires_java
+from utilities.config import config_from_argv
 
 README = REPO / "README.md"
 FIRST_SCREEN_LINES = 60
@@ -158,32 +160,49 @@ def train_checkpoints(root: Path, ranking) -> None:
 
 
 @requires_java
-@pytest.mark.slow  # the demo data and three small trainings: about 2 minutes on 2 cores
-@pytest.mark.parametrize("command", readme_commands())
-def test_every_readme_command_runs_on_the_demo_data(world, tmp_path, monkeypatch, capsys, command):
-    monkeypatch.chdir(world)
+def main_args(command: str) -> list[str] | None:
+    """The arguments a README command gives main.py; None for `make X` and `./download_data.sh`, which are
+    checked to exist here (they install or download)."""
     argv = shlex.split(command)
     if argv[0] == "make":
         targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M)
         assert all(a in targets or "=" in a for a in argv[1:]), command
-        return
+        return None
     if argv[0] == "./download_data.sh":
         script = (REPO / "download_data.sh").read_text()
         assert all(flag in script for flag in argv[1:]), command
-        return
-    if argv[0] == "torchrun":
+        return None
+    if argv[0] == "torchrun":  # one process stands for all
         argv = ["python", *argv[argv.index("main.py") :]]
     assert argv[:2] == ["python", "main.py"], f"not a main.py command: {command}"
-    args = argv[2:]
-    procedure = args[args.index("--procedure") + 1]
-    mode = args[args.index("--mode") + 1] if "--mode" in args else None
-    trains = procedure in TRAINING and mode != "eval"
-    extra = ["--log_dir", str(tmp_path / "log"), "--num_workers", "0"] + (["--dry_run"] if trains else [])
+    return argv[2:]
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_parses(command):
+    """Fast: every flag of every README command exists and holds a valid value (the slow test runs them)."""
+    args = main_args(command)
+    if args is not None and "--help" not in args:
+        config_from_argv(build_parser(), args)
+
+
+@requires_java
+@pytest.mark.slow  # the demo data and three small trainings: about 2 minutes on 2 cores
+@pytest.mark.parametrize("command", readme_commands())
+def test_every_readme_command_runs_on_the_demo_data(world, tmp_path, monkeypatch, capsys, command):
+    monkeypatch.chdir(world)
+    args = main_args(command)
+    if args is None:
+        return
     if "--help" in args:
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 0
         return
+    procedure = args[args.index("--procedure") + 1]
+    mode = args[args.index("--mode") + 1] if "--mode" in args else None
+    trains = procedure in TRAINING and mode != "eval"
+    extra = ["--log_dir", str(tmp_path / "log"), "--num_workers", "0"] + (["--dry_run"] if trains else [])
     code = main([*args, *extra])
     err = capsys.readouterr().err
     if procedure in FAILS_ON_DEMO:  # it reads and checks the data, and stops with the one line it should
