@@ -506,7 +506,7 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         "--critic_learning_rate",
         type=positive_float,
         default=1e-5,
-        help="ppo: critic AdamW peak lr (the original's nominal 1e-3 was effectively <= 1.2e-5, spec 5.1)",
+        help="ppo: critic AdamW peak lr (the original's nominal 1e-3 was effectively <= 1.2e-5, docs/differences.md)",
     )
     ranking.add_argument(
         "--ranking_weight_decay",
@@ -549,7 +549,7 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
         "--reward_val_triplets",
         type=positive_int,
         default=100,
-        help="reward: comparisons drawn per dev/test clip (one label of each level, spec 3.3)",
+        help="reward: comparisons drawn per dev/test clip (one label of each level)",
     )
     ranking.add_argument(
         "--ppo_objective",

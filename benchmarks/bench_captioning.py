@@ -12,7 +12,7 @@
 - {"what": "meteor_rewards", "cache": false|true, "pairs_per_s": ...}: sentence METEOR of 2000 distinct
   (hypothesis, reference) pairs, first uncached, then the same pairs again from the cache.
 
-References (../shared/PERFORMANCE.md, the original on this kind of machine): greedy 1.21 captions/s; warm-start
+References (the original, measured on this kind of machine): greedy 1.21 captions/s; warm-start
 step 1.55 s. Goals: cache ≥ 3× the full prefix and ≥ 10× the original; step ≤ 0.7× the original.
 
     python benchmarks/bench_captioning.py [--threads 2] [--device cpu]

@@ -6,7 +6,7 @@ ported by BMT): per tIoU, build the pairs, PTB-tokenise them, then call pycocoev
 predictions against both `*_no_missings.json` references at tIoUs 0.3/0.5/0.7/0.9 (the learned-proposal
 protocol), and the script checks that the numbers are identical.
 
-    .venv/bin/python benchmarks/bench_densevid.py [--data ../shared/data] [--skip_straightforward]
+    .venv/bin/python benchmarks/bench_densevid.py [--data DIR] [--skip_straightforward]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pointwise: seconds per training step (forward, SmoothL1 β 0.3, backward, AdamW) on synthetic features.
 
 Paper size by default (seq_length 196, 16 frames, 768-d, 2 clips × 20 labels; ≈8.3 GB for weights, gradients
-and AdamW state). The original takes 18.6–23.1 s per step on CPU (../shared/PERFORMANCE.md), most of it page
+and AdamW state). The original takes 18.6–23.1 s per step on CPU (measured on this kind of machine), most of it page
 faults on multi-GB temporaries. The one left here is the flattened head's 2 GB weight gradient, allocated afresh
 by every backward; PyTorch's `THP_MEM_ALLOC_ENABLE=1` (set below unless the environment says otherwise) backs
 such allocations with 2 MB transparent huge pages, 512× fewer faults. The frames are projected once per clip (no

@@ -76,7 +76,7 @@ def load_glove(path: str | Path) -> tuple[list[str], np.ndarray]:
     if not (words_path.is_file() and vectors_path.is_file()):
         if not path.is_file():
             raise InputError(
-                f"{path}: word embedding file not found (run download_data.sh, or --word_emb_caps random)"
+                f"{path}: word embedding file not found (GloVe 840B.300d: run ./download_data.sh, or --word_emb_caps random)"
             )
         log.info("converting %s to a binary cache (once)", path)
         convert_glove(path, words_path, vectors_path)

@@ -5,7 +5,7 @@ Two on-disk layouts hold the same features:
 - one packed HDF5 file per modality (written by `pack_directory`): every video's rows concatenated in one
   `features` dataset, with `video_ids` and `offsets` as the index. A crop then reads only its own rows.
 
-The video feature is always V = rgb + flow (spec §2.4), so the packed video file stores that sum.
+The video feature is always V = rgb + flow, so the packed video file stores that sum.
 Every read is validated (shape, dimension, finite values); a bad file is reported by name.
 """
 
@@ -34,7 +34,7 @@ PACK_FORMAT = "mmrl-packed-features-v1"
 
 
 def crop_indices(n_rows: int, start: float, end: float, duration: float) -> tuple[int, int]:
-    """Rows [i0, i1) of a video's S = `n_rows` features that cover [start, end] (spec §2.4).
+    """Rows [i0, i1) of a video's S = `n_rows` features that cover [start, end].
 
     The original rule: i0 = int(S·(start/duration)), i1 = int(S·(end/duration)), the quotient first as in its
     `crop_a_segment` (S·end/duration rounds to S−1 for many segments ending at the video's end); when i0 == i1
@@ -82,7 +82,9 @@ def open_feature_store(path: str | Path, modality: str, dim: int) -> FeatureStor
             f"{' or '.join(H5_SUFFIXES)}"
         )
     if not path.is_dir():
-        raise InputError(f"{path}: {modality} feature directory not found (or give a packed .h5 file)")
+        raise InputError(
+            f"{path}: {modality} feature directory not found (./download_data.sh fetches the I3D and VGGish features; or give a packed .h5 file)"
+        )
     return NpyVideoStore(path, dim) if modality == "video" else NpyAudioStore(path, dim)
 
 

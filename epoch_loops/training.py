@@ -77,7 +77,7 @@ def adamw(
     groups: Iterable[tuple[nn.Module, float]], weight_decay: float, fused: bool | None = None
 ) -> torch.optim.AdamW:
     """AdamW (eps 1e-6 as the original) with PyTorch's no-decay groups: biases, norm weights and other 1-d
-    parameters get no weight decay (the original decayed LayerNorm weights, spec §8.9). One (module, lr) per
+    parameters get no weight decay (the original decayed LayerNorm weights). One (module, lr) per
     model: PPO's actor and critic share one optimiser with their own learning rates. `fused` None: fused where
     every parameter's device allows it."""
     param_groups = []

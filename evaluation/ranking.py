@@ -1,4 +1,4 @@
-"""Label-ranking metrics of LR²PPO (spec §6): NDCG@k per clip, averaged over clips, and pair accuracy.
+"""Label-ranking metrics of LR²PPO: NDCG@k per clip, averaged over clips, and pair accuracy.
 
 NDCG@k of one clip: rank its labels by predicted score, then
     DCG@k(g) = Σ_{i=1}^{min(k, n)} (2^{g_i} − 1) / log2(i + 1)      (gain 2^rel − 1, position 1 discounted by 1)

@@ -1,4 +1,4 @@
-"""Shared test fixtures. Real data lives in ../shared/data when this checkout sits beside it; tests that
+"""Shared test fixtures. Real data lives in shared/data beside this checkout when present; tests that
 need it skip cleanly on a user's fresh clone."""
 
 from __future__ import annotations
@@ -18,5 +18,5 @@ requires_java = pytest.mark.skipif(shutil.which("java") is None, reason="Java is
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present (fresh clone)")
+        pytest.skip(f"{SHARED_DATA} is not present (fresh clone)")
     return SHARED_DATA

@@ -1,5 +1,5 @@
-"""The BMHRL agent against the original's checkpoint layout (spec §4.7) and an independent forward pass written
-here from the spec's formulas (§3), plus parameter counts, masking, freezing and exploration."""
+"""The BMHRL agent against the original's checkpoint layout and an independent forward pass written
+here from the original's formulas, plus parameter counts, masking, freezing and exploration."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _norm(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
 
 
 def original_agent_shapes() -> dict[str, tuple[int, ...]]:
-    """Every key of the original `bm_hrl_agent.pt` (spec §4.7), the dead fusion feed-forward included."""
+    """Every key of the original `bm_hrl_agent.pt`, the dead fusion feed-forward included."""
     shapes: dict[str, tuple[int, ...]] = {}
     hidden = 2 * D_CAPS
     for k in range(4):
@@ -132,7 +132,7 @@ def original_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---- the independent forward pass (spec §3.1–§3.5), straight from the formulas ---------------------------------
+# ---- the independent forward pass, straight from the formulas ----------------------------------------------
 def ref_linear(sd, p, x):
     return x @ sd[f"{p}.weight"].T + sd[f"{p}.bias"]
 

@@ -31,11 +31,11 @@ SMALL = dict(
 )
 
 
-# ---- an independent implementation of spec §4.1–§4.3, reading the original's keys ----------------------------
+# ---- an independent implementation of the original's scorer and reward model, reading the original's keys ---
 
 
 def original_state(reward: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under the original's key names and shapes (spec §4.1, §7), written out by hand."""
+    """Random weights under the original's key names and shapes, written out by hand."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.3):
@@ -110,7 +110,7 @@ def ref_xit(s, p, x, y, compat):
 
 
 def ref_label_vector(s, text, frames, compat):
-    """One label: text [T, D], frames [NF, D] → h [D] (spec §4.2 steps 1–4)."""
+    """One label: text [T, D], frames [NF, D] → h [D]."""
     tp, ip = ref_mlp(s, "text_proj", text), ref_mlp(s, "img_proj", frames)
     z = ref_xit(s, "xit", tp, ip, compat)
     return ref_mlp(s, "out_layer", torch.cat([z, ip]).reshape(-1))
@@ -121,7 +121,7 @@ def ref_score(s, text, frames, compat):
 
 
 def ref_reward(s, text, frames, idx, compat):
-    """Gather labels in idx order *before* the trunk, as the original (spec §4.3)."""
+    """Gather labels in idx order *before* the trunk, as the original."""
     u = (
         torch.stack([ref_label_vector(s, text[i], frames, compat) for i in idx])
         + s["pos_emb.weight"][: len(idx)]

@@ -52,7 +52,7 @@ def test_width_beyond_n_features(tmp_path):
 
 
 @pytest.mark.parametrize(
-    # b holds 795 rows, its last without a newline (`wc -l` says 794, as ../shared/data/README.md does)
+    # b holds 795 rows, its last without a newline (`wc -l` says 794, as the data's README does)
     ("name", "rows", "queries"),
     [("mq2008_sample_a.txt", 1000, 69), ("mq2008_sample_b.txt", 795, 36)],
 )

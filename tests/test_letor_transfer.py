@@ -112,7 +112,7 @@ def test_dry_run_counts_the_spec_layer_sizes(capsys, procedure, expected):
     out_layer = (2 * d * ff + ff) + (ff * d + d)
     scorer = xit_parameters(d, ff) + out_layer + (d + 1)
     reward = xit_parameters(d, ff) + out_layer + 4 * d + xit_parameters(d, ff) + (d + 1)
-    assert (scorer, reward) == (14_173_441, 21_267_457)  # spec §4.6: 14.17 M and 21.27 M
+    assert (scorer, reward) == (14_173_441, 21_267_457)  # the original's 14.17 M and 21.27 M
     assert main(["--procedure", procedure, "--task", "letor", "--dry_run", "--device", "cpu"]) == 0
     assert f"trainable parameters: {expected}\n" in capsys.readouterr().out
 

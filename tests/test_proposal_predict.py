@@ -1,5 +1,5 @@
 """`predict` without timestamps: the proposals of one video from a proposal generator checkpoint (BMT's
-single-video tool, spec §6.5.1), optionally captioned by the agent. Real features of the sample video."""
+single-video tool), optionally captioned by the agent. Real features of the sample video."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def argv(prop, sample, out, *extra) -> list[str]:
 
 
 def reference_proposals(model: ProposalGenerator, sample, k: int, nms: float | None = None) -> list[dict]:
-    """§6.5.1 step by step: pad rgb/flow/vggish to 300/800 rows with 1.0/0.0/1.0, masks from the sentinel,
+    """BMT's single-video tool step by step: pad rgb/flow/vggish to 300/800 rows with 1.0/0.0/1.0, masks from the sentinel,
     every cell of every head decoded in plain Python, clipped, filtered, sorted (stable), top k, NMS."""
     rgb, flow, vggish = (np.load(sample / f"{VIDEO_ID}_{n}.npy") for n in ("rgb", "flow", "vggish"))
     pad = lambda x, n, v: np.concatenate([x, np.full((n - len(x), x.shape[1]), v, np.float32)])  # noqa: E731

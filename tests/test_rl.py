@@ -411,7 +411,7 @@ def test_rl_flags_are_real_booleans_and_documented():
         rl.check_settings(Config(**{**vars(defaults), "rl_objective": "ppo"}))
 
 
-def test_readme_documents_the_rl_formulas():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_docs_document_the_rl_formulas():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "bmhrl.md").read_text()
     for flag in ("--rl_objective", "--scst_baseline", "--compat_biased_kl_grad", "--rl_gamma_manager"):
         assert flag in readme

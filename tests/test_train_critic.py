@@ -27,7 +27,7 @@ CAPTIONS = [
 ]
 SMALL = ["--d_model_caps", "16", "--B", "4", "--critic_lr", "0.01"]  # a tiny critic: test config only
 
-# critic.cp as the original writes it (spec §3.3): LSTM(300→600, 4 layers), GRU(600→600, 2 layers), Linear(600→1)
+# critic.cp as the original writes it: LSTM(300→600, 4 layers), GRU(600→600, 2 layers), Linear(600→1)
 # and the two AReLUs' scalars.
 ORIGINAL_CRITIC_SHAPES = {
     **{
@@ -106,7 +106,7 @@ def test_exact_cli_writes_the_original_critic_layout(csvs, tmp_path, capsys):
 
 def test_dry_run_counts_the_paper_size_critic(csvs, tmp_path, capsys):
     assert main(argv_for(*csvs, tmp_path, "--dry_run")) == 0
-    assert "trainable parameters: 15147005" in capsys.readouterr().out  # spec §3.7: the frozen critic
+    assert "trainable parameters: 15147005" in capsys.readouterr().out  # the original's frozen critic
     assert not (tmp_path / "log").exists()
 
 

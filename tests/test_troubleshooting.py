@@ -1,4 +1,4 @@
-"""The README's troubleshooting table: what a new user gets wrong gives one line from main.py, no traceback.
+"""The troubleshooting table (docs/troubleshooting.md): what a new user gets wrong gives one line from main.py, no traceback.
 Each case is a file of the wrong kind where the command line expects another."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ActivityNet Captions: the annotation files, the caption dataset and its batches.
 
-Files (spec §2.2–2.3): tab-separated CSVs `video_id, caption, start, end, duration, phase, idx` (one row per
+Files: tab-separated CSVs `video_id, caption, start, end, duration, phase, idx` (one row per
 ground-truth segment) and the official reference JSONs `{video_id: {duration, timestamps, sentences}}`.
 Every row is validated; the known anomalies of the real train.csv (start ≥ end, end > duration) are kept,
 counted in one warning, and cropped deliberately (`datasets.features.crop_indices`).
@@ -75,7 +75,9 @@ def read_captions_csv(path: str | Path) -> Annotations:
     try:
         handle = path.open(newline="", encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{path}: caption CSV not found") from None
+        raise InputError(
+            f"{path}: caption CSV not found (run ./download_data.sh, see README 'Where to get the real things')"
+        ) from None
     segments: list[Segment] = []
     anomalies = Anomalies()
     examples: list[str] = []

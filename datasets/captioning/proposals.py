@@ -1,4 +1,4 @@
-"""Whole videos for the proposal generator (spec §6.1, §6.5.1): every feature row of a video, padded at the end.
+"""Whole videos for the proposal generator: every feature row of a video, padded at the end.
 
 The original pads rgb and audio with its pad index 1 and flow with 0, so a padded row of V = rgb + flow and of
 the audio holds 1.0 in every dimension (`PAD_VALUE`); it pads to exactly 300 video / 800 audio rows

@@ -1,4 +1,4 @@
-"""Captions with per-token segment-boundary labels, for training the segment critic (spec §3.3).
+"""Captions with per-token segment-boundary labels, for training the segment critic.
 
 The original critic was trained on Charades Captions: a JSON list of entries `{"captions": [...], "seg_labels":
 [[...], ...]}`, one 0/1 label per whitespace-separated word of each caption (1: the word ends a segment). The

@@ -1,9 +1,9 @@
-"""LETOR query lists in svmlight format (MQ2008, MSLR-WEB10K; spec §3.5): `label qid:Q 1:v 2:v ... #comment`.
+"""LETOR query lists in svmlight format (MQ2008, MSLR-WEB10K): `label qid:Q 1:v 2:v ... #comment`.
 
 A query's documents must be on consecutive lines (as LETOR ships them): a qid that comes back after another
 query is an error, since it usually means two files with colliding qids were concatenated (the original had
 to offset MQ2008's qids for this reason). Features absent from a row are 0, as svmlight defines. Every query
-keeps all its documents (the original resampled each to exactly 20, spec §8.17).
+keeps all its documents (the original resampled each to exactly 20).
 
 The official layout is read as shipped: `<dataset>/Fold1/{train,vali,test}.txt` (`fold_files`). A split is
 parsed once into a packed HDF5 (`load_split`: rows, labels, query offsets), written atomically and reused
@@ -151,7 +151,8 @@ def fold_files(directory: str | Path, fold: str) -> dict[str, Path]:
     for path in files.values():
         if not path.is_file():
             raise InputError(
-                f"{path}: not found (a LETOR fold folder holds train.txt, vali.txt and test.txt)"
+                f"{path}: not found (a LETOR fold folder holds train.txt, vali.txt and test.txt; MSLR-WEB10K and "
+                "MQ2008: README 'Where to get the real things')"
             )
     return files
 
@@ -307,7 +308,7 @@ class QueryLists(Dataset):
 
 
 class QueryPairs(QueryLists):
-    """PPO training (spec §3.5): each epoch, `pairs_per_query` random ordered pairs of distinct documents per
+    """PPO training: each epoch, `pairs_per_query` random ordered pairs of distinct documents per
     query with at least two; labels ride along for logging only."""
 
     def __init__(self, splits: Sequence[tuple[str, PackedSplit]], pairs_per_query: int, seed: int = 0):
@@ -326,7 +327,7 @@ class QueryPairs(QueryLists):
 
 
 class QueryComparisons(QueryLists):
-    """Reward-model comparisons (spec §3.5), `per_query` per query with at least two label levels: one random
+    """Reward-model comparisons, `per_query` per query with at least two label levels: one random
     document of each level present, two of them (p0, p1) at random; chosen ranks the higher-labelled first,
     `[p0, p1, hi, lo]`, rejected `[p0, p1, lo, hi]`. `fixed`: the same draws every epoch (validation)."""
 

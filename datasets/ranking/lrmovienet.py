@@ -1,6 +1,6 @@
-"""LRMovieNet for LR²PPO (spec §3): the clip lists, the feature HDF5, and the samples each stage learns from.
+"""LRMovieNet for LR²PPO: the clip lists, the feature HDF5, and the samples each stage learns from.
 
-Files (spec §3.2):
+Files:
 - clip lists (`first_stage_data.json`, `first_second_stage_data.json`, `val_data.json`, `test_data.json`):
   `[{"id", "tags": [{"tag", "target"}, ...], ...}]`, the tags in the order of the clip's `text_emb` rows;
   `target` is the relevance level (0 low, 1 medium, 2 high), an integer or anything `int()` takes;
@@ -11,7 +11,7 @@ Files (spec §3.2):
 
 Frames fill `max_imgs` slots: the first `max_imgs` of the clip's frames, cycled (slot k = frame k mod F) when
 it has fewer. Training may shuffle them first as the original does (`frame_order="random"`); evaluation always
-uses the stored order (the original shuffled at evaluation too, which made its metric random, spec §8.15).
+uses the stored order (the original shuffled at evaluation too, which made its metric random).
 Every sample carries its `frame_key` (−1 = stored order, else the seed of its permutation), so a PPO rollout
 buffer that keeps clip ids, label positions and frame keys re-reads exactly the features the actor saw.
 
@@ -39,7 +39,7 @@ from utilities.seeding import Stream, stream_seed
 
 FRAME_ORDERS = ("random", "stored")
 STORED_ORDER = -1  # the frame_key of the stored frame order
-REWARD_VAL_LEVELS = (0, 1, 2)  # a reward-validation triplet takes one label of each level (spec §3.3)
+REWARD_VAL_LEVELS = (0, 1, 2)  # a reward-validation triplet takes one label of each level
 REWARD_VAL_TRIPLETS_PER_CLIP = 100
 
 
@@ -145,7 +145,9 @@ class ClipFeatures:
     def __init__(self, path: str | Path, seq_length: int | None = None, dim: int | None = None):
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"{self.path}: feature HDF5 not found")
+            raise InputError(
+                f"{self.path}: feature HDF5 not found (LRMovieNet's clean_feat.h5: README 'Where to get the real things')"
+            )
         self.seq_length, self.dim = seq_length, dim  # None: taken from the first clip checked
         self._handle: h5py.File | None = None
         self._pid: int | None = None
@@ -249,7 +251,7 @@ def frame_slots(n_frames: int, max_imgs: int, frame_key: int = STORED_ORDER) -> 
 
 
 def pointwise_labels(targets: Sequence[int], max_tags: int) -> np.ndarray:
-    """The original's pointwise training list (spec §3.3): the first `max_tags` labels; a shorter clip is
+    """The original's pointwise training list: the first `max_tags` labels; a shorter clip is
     extended by cycling through its relevant labels (target ≠ 0; all labels if none is), starting at position
     T mod n of that list (T labels, n candidates)."""
     n_labels = len(targets)
@@ -425,7 +427,7 @@ class ClipDataset(_LRMovieNetDataset):
 
 
 class RewardPairDataset(_LRMovieNetDataset):
-    """Reward-model training (spec §3.3): one item per `index` pair [i, j] (i preferred), labels (i, j).
+    """Reward-model training: one item per `index` pair [i, j] (i preferred), labels (i, j).
     The two context slots are shown in random order: chosen (0,1,0,1) / rejected (0,1,1,0), or chosen (1,0,0,1) /
     rejected (1,0,1,0), each with probability ½; the chosen ranking always puts i first."""
 
@@ -457,7 +459,7 @@ class RewardPairDataset(_LRMovieNetDataset):
 
 
 class RewardTripletDataset(_LRMovieNetDataset):
-    """Reward-model validation (spec §3.3), fixed by `seed`: for every clip with labels of all three levels,
+    """Reward-model validation, fixed by `seed`: for every clip with labels of all three levels,
     `per_clip` triplets of one random label per level; two of the three slots a, b drawn at random, chosen
     (a, b, hi, lo) and rejected (a, b, lo, hi), where hi is the slot with the higher level."""
 
@@ -489,7 +491,7 @@ class RewardTripletDataset(_LRMovieNetDataset):
 
 
 class PPOPairDataset(_LRMovieNetDataset):
-    """PPO training (spec §3.3): each epoch, `pairs_per_clip` random ordered pairs of distinct labels per clip
+    """PPO training: each epoch, `pairs_per_clip` random ordered pairs of distinct labels per clip
     (a fresh draw per epoch, `set_epoch`). Targets ride along for logging; PPO learns from the reward model."""
 
     def __init__(

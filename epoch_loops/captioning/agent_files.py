@@ -1,6 +1,6 @@
 """The BMHRL checkpoint folder: build the agent and its value functions from the flags or from a folder, save one.
 
-A folder `checkpoints/E_<epoch>/` (spec §4.7) holds, as the original's:
+A folder `checkpoints/E_<epoch>/` holds, as the original's:
 - `bm_hrl_agent.pt`, `bm_worker_value_function.pt`, `bm_manager_value_function.pt`: plain state dicts in the
   original key layout (no `module.` prefix; the fusion feed-forward layers the original creates but never applies
   are absent; with `--segmenter heuristic` there are no `critic.*` keys);
@@ -104,7 +104,7 @@ def load_critic(agent: BMHRLAgent, path: Path) -> None:
     if not path.is_file():
         raise InputError(
             f"--rl_critic_path {path}: segment critic not found (train one with --procedure train_critic, "
-            "use the released critic.cp, or pass --segmenter heuristic)"
+            "use the BMHRL authors' released critic.cp, see README 'Where to get the real things', or pass --segmenter heuristic)"
         )
     load_original_state_dict(agent.critic, load_checkpoint(path), str(path))
 
@@ -201,7 +201,7 @@ def _critic_source(cfg, folder: Path, agent_cfg: AgentConfig, has_critic: bool) 
     if not has_critic:
         raise InputError(
             f"{folder / AGENT_FILE} holds no segment critic (no critic.* keys): pass --segmenter heuristic, "
-            "or a critic with --rl_critic_path FILE"
+            "or a critic with --rl_critic_path FILE (the BMHRL authors' critic.cp: README 'Where to get the real things')"
         )
     log.info("segment critic: the critic.* keys of %s", folder / AGENT_FILE)
     return None

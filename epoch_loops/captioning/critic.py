@@ -1,4 +1,4 @@
-"""`main.py --procedure train_critic`: train the segment critic (spec §3.3) that tells the BMHRL agent where a
+"""`main.py --procedure train_critic`: train the segment critic that tells the BMHRL agent where a
 sub-goal ends, and write it as the original's `critic.cp` for `train_rl_cap --rl_critic_path`.
 
 Input (chosen by the file extension): a caption CSV, labelled per token by the heuristic segmenter (a token ends
@@ -204,10 +204,6 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     train_data, heldout_data = CriticData.encode(train, vocab), CriticData.encode(heldout, vocab)
 
     critic = SegmentCritic(cfg.d_model_caps, cfg.rl_critic_score_threshhold).to(cfg.device)
-    embed = VocabularyEmbedder(
-        embedding_matrix(cfg.word_emb_caps, vocab.itos, cfg.d_model_caps, seed=cfg.seed)
-    )
-    embed = embed.to(cfg.device)
     opt = Optimisation(
         cfg.procedure, torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr), cfg.grad_clip, run
     )
@@ -222,9 +218,13 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     )
     print(f"vocabulary size: {len(vocab)} | boundary pos_weight {pos_weight:g}")
     print(f"trainable parameters: {trainable_parameters(critic)}")
-    if cfg.dry_run:
+    if cfg.dry_run:  # sizes and counts only: GloVe is not read
         return
 
+    embed = VocabularyEmbedder(
+        embedding_matrix(cfg.word_emb_caps, vocab.itos, cfg.d_model_caps, seed=cfg.seed)
+    )
+    embed = embed.to(cfg.device)
     metrics = {
         "threshold": cfg.rl_critic_score_threshhold,
         "pos_weight": pos_weight,

@@ -12,7 +12,7 @@ so greedy decoding gives the original's captions for the same weights. `--durati
 (`check_duration`): the crop rule scales the timestamps by it. Output, printed and written to
 `--predictions_out`: `[{"start": S, "end": E, "sentence": "..."}]` in the order given.
 
-Without `--timestamps`, the segments are the video's own proposals (BMT's single-video tool, spec §6.5.1):
+Without `--timestamps`, the segments are the video's own proposals (BMT's single-video tool):
 
     python main.py --procedure predict --prop_generator_model_path best_prop_model.pt \
         --video_features_path V --audio_features_path A --video_id ID --duration D --max_prop_per_vid K \
@@ -81,7 +81,7 @@ def caption_segments(cfg: Config, segments: list[tuple[float, float]]) -> list[s
 
 
 def proposals_of_video(cfg: Config) -> list[dict[str, float]]:
-    """`--max_prop_per_vid` proposals of `--video_id` from `--prop_generator_model_path` (spec §6.5.1)."""
+    """`--max_prop_per_vid` proposals of `--video_id` from `--prop_generator_model_path`."""
     if not cfg.video_id or cfg.duration is None:
         raise InputError(
             "predict with --prop_generator_model_path needs --video_id ID and --duration SECONDS"

@@ -1,4 +1,4 @@
-"""Evaluation on learned proposals (spec §5.3): the agent captions the proposals of every validation video, and
+"""Evaluation on learned proposals: the agent captions the proposals of every validation video, and
 the official evaluator scores them against both references at every tIoU, plus SODA_c.
 
     python main.py --procedure eval --task captioning --rl_pretrained_model_dir DIR --proposals P.json

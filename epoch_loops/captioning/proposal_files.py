@@ -1,7 +1,7 @@
 """Proposal generator checkpoints: BMT's `best_prop_model.pt` layout (ours and the released file), and the
 captioning checkpoints its encoder starts from (our agent folder, or BMT's `best_cap_model.pt`).
 
-`best_prop_model.pt` (spec §6.5.2) is a dict {config, epoch, model_state_dict, optimizer_state_dict,
+`best_prop_model.pt` is a dict {config, epoch, model_state_dict, optimizer_state_dict,
 scheduler_state_dict, anchors, val_anet_metrics, best_metric}. BMT's files pickle `config` as an instance of its
 class `utilities.config_constructor.Config` and the anchors as numpy float scalars; ours store plain data under
 the same keys. Every file is loaded with `torch.load(weights_only=True)` and an explicit allow-list
@@ -219,7 +219,7 @@ def encoder_from_captioning(cfg) -> tuple[ProposalConfig, dict[str, torch.Tensor
     if not cfg.rl_pretrained_model_dir:
         raise InputError(
             "train_prop needs a captioning checkpoint for its encoder: --rl_pretrained_model_dir DIR or "
-            "--pretrained_cap_model_path best_cap_model.pt"
+            "--pretrained_cap_model_path best_cap_model.pt (BMT's release: README 'Where to get the real things')"
         )
     agent = load_agents(cfg, cfg.rl_pretrained_model_dir, with_value_functions=False).agent
     if agent.cfg.mode != "BMHRL":

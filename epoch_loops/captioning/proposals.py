@@ -1,4 +1,4 @@
-"""Proposals of whole videos with BMT's proposal generator (spec §6.1, §6.5.1), shared by `predict`, evaluation
+"""Proposals of whole videos with BMT's proposal generator, shared by `predict`, evaluation
 and `--procedure train_prop`.
 
     python main.py --procedure train_prop --rl_pretrained_model_dir DIR (or --pretrained_cap_model_path

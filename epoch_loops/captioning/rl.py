@@ -18,7 +18,7 @@ other frozen (no gradient, so Adam leaves its parameters and moments alone), wit
   `--scst_baseline value`: b is the value functions' prediction instead (worker: V_w at each token against
   g_k(t); manager: V_m at each goal start against Σ_{j≥k} γ^{j−k} g_j).
 
-`--rl_objective biased_kl` (the original's objective, spec §4.5–§4.6, bugs fixed), per batch: a teacher-forced
+`--rl_objective biased_kl` (the original's objective, bugs fixed), per batch: a teacher-forced
 pass; one token ŷ_t sampled per position; prefix rewards R(t) of ŷ[:t+1] and ΔR_t = R(t) − R(t−1). The worker's
 score is G_t = Σ_{t'≥t} γ_w^{t'−t} ΔR_t' (γ_w = --rl_gamma_worker); the manager's, at each goal start, is the
 discounted sum of the gains of the sub-goals from there (γ = --rl_gamma_manager). With --rl_stabilize the value

@@ -1,5 +1,5 @@
 """LR²PPO checkpoints: ours (`best.pt`/`last.pt`, with the run's config) and the original's released `.bin`
-files (plain state dicts, spec §7), read into one `RankingWeights`; `--procedure export_ranking` converts between
+files (plain state dicts), read into one `RankingWeights`; `--procedure export_ranking` converts between
 the two layouts. Every file is loaded with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from utilities.run_dir import RunDir, is_rank0
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pointwise", "reward", "ppo", "align")  # align: LETOR's alignment model (spec §4.5)
+KINDS = ("pointwise", "reward", "ppo", "align")  # align: LETOR's alignment model
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RankingWeights:
 
 
 def read_ranking_weights(path: str | Path) -> RankingWeights:
-    """Our checkpoint (`best.pt`/`last.pt`) or a released plain state dict (spec §7), loaded with weights_only.
+    """Our checkpoint (`best.pt`/`last.pt`) or a released plain state dict, loaded with weights_only.
     A released file's kind follows from its keys: `actor.*`/`critic.*` PPO, `pos_emb.weight` reward,
     `text_proj3.*` LETOR's alignment model."""
     state = load_checkpoint(path)

@@ -1,18 +1,18 @@
-"""LR²PPO's transfer experiment on LETOR (spec §2.4, §3.5, §4.5, §5.5): MSLR-WEB10K (source) → MQ2008 (target).
+"""LR²PPO's transfer experiment on LETOR: MSLR-WEB10K (source) → MQ2008 (target).
 
 `--task letor_align` / `--task letor` select it for the usual procedures:
 - `pointwise --task letor_align`: the alignment model (per-domain input MLPs + the document-vector scorer) on
   both domains' `--align_fold` training rows, SmoothL1 on the labels; selected on the target's vali split;
 - `pointwise --task letor`: the scorer on the source's `--fold` training queries, every row projected by the
   alignment model (`--alignment_model_path`) when the stage starts (held in memory, no intermediate files);
-- `reward --task letor`: the reward model on comparisons of source + target training queries (§3.5);
+- `reward --task letor`: the reward model on comparisons of source + target training queries;
 - `ppo --task letor`: the scorer adapted on source + target training queries with the reward model;
 - `eval --task letor`: the pinned interface: raw target rows projected by the alignment model's `text_proj`,
   scored by `--pretrained_model_path`, NDCG written to `--metrics_out`, per-query scores to `--cases_out`;
 - `letor_baselines`: LightGBM lambdarank trained on the target (raw rows) and on the source (aligned vectors);
 - `data_summary --task letor`: queries, documents, label histogram and width of every split of `--fold`.
 Every stage selects on the target's vali split and reports the target's test split (the original used its
-test split for both, spec §8.18). They run on the stages' loops (`train_supervised`, `train_ppo`).
+test split for both). They run on the stages' loops (`train_supervised`, `train_ppo`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def read_alignment(cfg: Config) -> AlignmentModel:
     if weights.kind != "align":
         raise InputError(
             f"--alignment_model_path {weights.source}: a {weights.kind} checkpoint, not an alignment model "
-            "(text_proj.*, text_proj3.*, spec §4.5)"
+            "(text_proj.*, text_proj3.*)"
         )
     model = model_sizes(cfg, weights).build_alignment_model(**alignment_widths(weights.state, weights.source))
     return load_weights(model, weights.state, weights.source).to(cfg.device).eval()

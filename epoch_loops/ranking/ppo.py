@@ -1,6 +1,6 @@
 """LR²PPO stage 3 (`--procedure ppo`): adapt the scorer to the target label domain with the frozen reward model.
 
-One episode = one label pair (a, b) of one clip (spec §5.4). The actor (the stage-1 scorer) scores the pair and
+One episode = one label pair (a, b) of one clip. The actor (the stage-1 scorer) scores the pair and
 ranks it; the frozen reward model scores `[a, b, 1st, 2nd]`; the critic (started from the reward model) values
 the unordered state `[a, b]`. Rollouts of `--update_timesteps` batches are collected, then the actor and critic
 are updated `--ppo_epochs` times over the rollout in minibatches of `--minibatch_size`, then the actor is
@@ -14,7 +14,7 @@ The rollout buffer keeps clip ids, label positions, frame keys and per-sample sc
 the feature tensors on the GPU, about 6 GB); each minibatch re-reads its features with `dataset.fetch`, the
 frame order included, so the update sees exactly what the rollout saw. Actor and critic run without dropout
 throughout, so the policy that sampled is the policy the ratio compares against (the original updated in train
-mode, spec §8.8). Resuming (`--resume last.pt`) continues after the last completed update, exactly.
+mode). Resuming (`--resume last.pt`) continues after the last completed update, exactly.
 
 Under torchrun `--batch_size` and `--minibatch_size` are global. Each rank collects its share of every global
 rollout batch; the small rollout records are gathered, so every rank holds the whole rollout in the order one

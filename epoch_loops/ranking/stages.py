@@ -1,4 +1,4 @@
-"""LR²PPO stages 1 and 2, and what all its procedures share (spec §5.1–§5.3, §6, §7).
+"""LR²PPO stages 1 and 2, and what all its procedures share.
 
 `--procedure pointwise` trains the fusion scorer on graded labels (SmoothL1 on the relevance levels);
 `--procedure reward` trains the pairwise reward model (margin ranking loss); `--procedure ppo`
@@ -8,7 +8,7 @@ state (`checkpoints/last.pt`, for `--resume`), and at the end reports the select
 `--test_path` in metrics.json. `--procedure export_ranking` converts between our checkpoints and the original's
 `.bin` files, and `eval --task ranking --pretrained_model_path` scores a checkpoint (`evaluate_checkpoint`).
 
-Fixed against the original (spec §8): one AdamW with PyTorch's no-decay groups (biases and norm weights), a
+Fixed against the original: one AdamW with PyTorch's no-decay groups (biases and norm weights), a
 linear warm-up/decay schedule over the real number of optimiser steps, deterministic evaluation (stored frame
 order, label-position tie rule), the test split reported, a NaN loss stops the run naming the step.
 The optimiser step, NaN stop, checkpoint writes and resume are the shared machinery's (epoch_loops/training.py).
@@ -461,8 +461,8 @@ def load_trunk(model: RewardModel, weights: RankingWeights) -> None:
 
 def reward(cfg: Config, run: RunDir) -> dict[str, Any] | None:
     """Stage 2: the reward model on preference pairs (`--train_path` the pair file); pair accuracy on
-    comparisons drawn from the graded dev/test clips (spec §3.3). `--pretrained_model_path` (a scorer) starts
-    its trunk from stage 1 (the original started from scratch, spec §8.13)."""
+    comparisons drawn from the graded dev/test clips. `--pretrained_model_path` (a scorer) starts
+    its trunk from stage 1 (the original started from scratch)."""
     if cfg.dry_run:
         print_dry_run(LabelRankingConfig.from_config(cfg).build_reward_model)
         return None

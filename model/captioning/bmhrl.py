@@ -1,8 +1,8 @@
-"""The BMHRL agent (spec §3): BMT's bimodal encoder, worker and manager fusion stacks with a learned audio/video gate,
+"""The BMHRL agent: BMT's bimodal encoder, worker and manager fusion stacks with a learned audio/video gate,
 a manager that emits sub-goals, a worker that turns (fused caption features, current goal) into word
 log-probabilities, a frozen segment critic that says where a sub-goal ends, and the two value functions.
 
-Attribute names follow the original so that `state_dict()` keys equal its checkpoints' keys (spec §4.7), minus the
+Attribute names follow the original so that `state_dict()` keys equal its checkpoints' keys, minus the
 fusion feed-forward layers that the original creates but never applies (they are not created here). The ablations:
 `AHRL` (audio only), `VHRL` (video only) and `BM` (bimodal, no hierarchy: the fused decoder and a plain output layer).
 
@@ -292,7 +292,7 @@ class SegmenterState:
 
 
 class SegmentCritic(nn.Module):
-    """The original's segment critic (spec §3.3): LSTM(d→2d, 4 layers) → AReLU → GRU(2d→2d, 2 layers) → AReLU →
+    """The original's segment critic: LSTM(d→2d, 4 layers) → AReLU → GRU(2d→2d, 2 layers) → AReLU →
     Linear(2d→1) on the word embeddings (before positional encoding). A token ends a segment when
     sigmoid(logit) > `threshold`. Causal (recurrent), so `step` gives the same labels one token at a time. The
     agent keeps it frozen; `logits` has gradients for training the critic itself."""

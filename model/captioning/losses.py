@@ -14,7 +14,7 @@ def label_smoothing_loss(
 ) -> torch.Tensor:
     """KL(q ‖ p) summed over the non-padding targets and divided by `normalizer` (default: their number; under
     DDP pass the global count so that the gradient is the same for the same global batch). q puts 1 − ε on the
-    target and ε / (V − 2) on every other token except padding, which gets 0 (spec §4.4).
+    target and ε / (V − 2) on every other token except padding, which gets 0.
 
     log_probs (B, L, V), targets (B, L)."""
     V = log_probs.shape[-1]
@@ -40,7 +40,7 @@ def biased_kl_loss(
     smoothing: float,
     normalizer: float | torch.Tensor,
 ) -> torch.Tensor:
-    """The original's RL objective (spec §4.6 step 6): KL(q ‖ p) over the non-padding targets, where q is the
+    """The original's RL objective (its RL step): KL(q ‖ p) over the non-padding targets, where q is the
     label-smoothing target with a share (1 − ε)·a of the mass moved from the target token to the sampled token:
     q(y) = (1 − ε)(1 − a), q(ŷ) += (1 − ε)·a, ε / (V − 2) elsewhere, 0 on padding. Summed, divided by
     `normalizer` · BIASED_KL_SCALE. The gradient flows through `amplitude` (B, L) unless the caller detaches it.

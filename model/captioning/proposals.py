@@ -1,4 +1,4 @@
-"""BMT's bimodal multi-headed proposal generator (spec §6.1, §6.5.1): the bimodal encoder over whole videos, one
+"""BMT's bimodal multi-headed proposal generator: the bimodal encoder over whole videos, one
 1-D convolutional head per kernel size and modality, YOLO-style decoding of (centre, length, objectness) per
 cell and anchor, and the original's losses.
 
@@ -177,7 +177,7 @@ def select_proposals(
     proposals: torch.Tensor, duration: float, k: int, nms_tiou: float | None = None
 ) -> torch.Tensor:
     """One video's (P, 3) decoded proposals → at most `k` (start, end, score) rows by descending score, as BMT's
-    single-video tool (§6.5.1 steps 8-11): start clipped to [0, D], end to ≤ D (D as float32), proposals of
+    single-video tool: start clipped to [0, D], end to ≤ D (D as float32), proposals of
     `MIN_PROPOSAL_S` or less dropped, the top k kept (ties in flat order), then the optional NMS."""
     D = torch.tensor(duration, dtype=torch.float32, device=proposals.device)
     start = torch.minimum(proposals[:, 0].clamp(min=0), D)

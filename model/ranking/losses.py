@@ -14,17 +14,17 @@ from model.ranking.scorer import plackett_luce_entropy, plackett_luce_log_prob
 
 
 def pointwise_loss(scores: Tensor, targets: Tensor, mask: Tensor, beta: float = 0.3) -> Tensor:
-    """Stage 1: SmoothL1 (β 0.3) between each real label's score and its relevance level (spec §4.2)."""
+    """Stage 1: SmoothL1 (β 0.3) between each real label's score and its relevance level."""
     return F.smooth_l1_loss(scores[mask], targets[mask], beta=beta)
 
 
 def reward_margin_loss(chosen: Tensor, rejected: Tensor, margin: float) -> Tensor:
-    """Stage 2: mean(relu(m − (R(chosen) − R(rejected)))) (spec §4.3)."""
+    """Stage 2: mean(relu(m − (R(chosen) − R(rejected))))."""
     return F.relu(margin - (chosen - rejected)).mean()
 
 
 def clipped_value_loss(value: Tensor, value_old: Tensor, target: Tensor, clip: float) -> Tensor:
-    """PPO's clipped value loss: the worse of the plain and the clipped squared error (spec §5.4 step 10)."""
+    """PPO's clipped value loss: the worse of the plain and the clipped squared error."""
     clipped = value_old + (value - value_old).clamp(-clip, clip)
     return torch.maximum((clipped - target) ** 2, (value - target) ** 2).mean()
 
@@ -48,7 +48,7 @@ def lr2ppo_loss(
     advantage_threshold: float,
     rank_margin: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The paper's pairwise PPO step (spec §5.4) with its bugs fixed (§8.4).
+    """The paper's pairwise PPO step with its bugs fixed.
 
     scores / scores_old `[B, 2]`: the actor's scores now / at rollout; order `[B, 2]`: the rollout's action (the
     pair sorted by scores_old); reward, value, value_old `[B]`. With p = softmax(scores) over the pair:

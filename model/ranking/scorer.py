@@ -1,10 +1,10 @@
 """LR²PPO's models: the XiT cross-attention block, the fusion scorer S(text, frames) and the reward model / critic.
 
 The scorer rates every candidate label of a clip from the label's token features and the clip's frame features
-(spec §4.2); it is the pointwise model and the PPO actor. The reward model shares the scorer's trunk, gathers the
+(the original's scorer); it is the pointwise model and the PPO actor. The reward model shares the scorer's trunk, gathers the
 label vectors into a slot sequence (`[ctx_a, ctx_b, ranked_1st, ranked_2nd]` for a pair), adds a slot embedding,
-runs a self-attention XiT over the slots and reads one scalar at the last slot (§4.3). The critic is the same
-module called on the context slots only (§4.4).
+runs a self-attention XiT over the slots and reads one scalar at the last slot. The critic is the same
+module called on the context slots only.
 
 Shapes: frames `[B, F, visual_feat_dim]` once per clip, label text `[B, L, T, text_feat_dim]`. The frames are
 projected once per clip and every label's text tokens attend to the same keys/values (the L labels are folded into
@@ -63,7 +63,7 @@ class CrossAttention(nn.Module):
     """Multi-head attention of x's tokens over y's tokens on torch SDPA: softmax(QKᵀ/√d_head)V.
 
     `compat_xit_attention=True` reproduces the original instead: no scaling of the logits and the probabilities
-    divided by √dim after the softmax (spec §4.1, §8.2). Since (A/c)V = (AV)/c this is SDPA with scale 1 and the
+    divided by √dim after the softmax. Since (A/c)V = (AV)/c this is SDPA with scale 1 and the
     output divided by √dim. Use it only to run weights trained that way (the released checkpoints).
     """
 
@@ -102,7 +102,7 @@ class _Residual(nn.Module):
 
 
 class XiT(nn.Module):
-    """One pre-LayerNorm cross-attention transformer block and a final LayerNorm (spec §4.1).
+    """One pre-LayerNorm cross-attention transformer block and a final LayerNorm.
 
     x₁ = x + Dropout(Attn(LN_x(x), LN_y(y)));  x₂ = x₁ + Dropout(FFN(LN(x₁)));  out = LN(x₂).
     The residual adds the un-normalised x. Self-attention is XiT(u, u). The submodules sit at the original's
@@ -156,7 +156,7 @@ class AttentionPool(nn.Module):
 
 
 class FusionTrunk(nn.Module):
-    """S's trunk: per label, text tokens attend to the clip's frames; one vector per label (spec §4.2 steps 1–4).
+    """S's trunk: per label, text tokens attend to the clip's frames; one vector per label.
 
     `scorer_head="flattened"` (the paper's): concat(Z, Iₚ) `[T+F, d]` flattened into `out_layer`; depends on
     the frame order and needs exactly `seq_length` tokens and `max_imgs` frames. `"pooled"`: attention-pooled
@@ -192,9 +192,7 @@ class FusionTrunk(nn.Module):
         self.feedforward_size, self.xit_heads, self.xit_dropout = feedforward_size, xit_heads, xit_dropout
         self.compat_xit_attention, self.inputs = compat_xit_attention, inputs
         d = visual_feat_dim
-        if (
-            inputs == "vectors"
-        ):  # LETOR (spec §4.5): each document vector is a 1-token sequence, no input MLPs
+        if inputs == "vectors":  # LETOR: each document vector is a 1-token sequence, no input MLPs
             self.xit = XiT(d, xit_heads, feedforward_size, xit_dropout, compat_xit_attention)
             self.out_layer = Mlp(2 * d, feedforward_size, d)
             return
@@ -309,7 +307,7 @@ class RewardModel(FusionTrunk):
 
 
 class AlignmentModel(FusionScorer):
-    """LETOR's alignment model (spec §4.5, `pointwise_2data_trad`): one input MLP per domain, `text_proj` for the
+    """LETOR's alignment model (the original's `pointwise_2data_trad`): one input MLP per domain, `text_proj` for the
     target (MQ2008, 46 features) and `text_proj3` for the source (MSLR-WEB10K, 136), into the document-vector
     scorer. Trained on both domains' labels, its input MLPs then project every row into the scorer's space."""
 
@@ -342,7 +340,9 @@ def alignment_widths(state: Mapping[str, Tensor], source: str) -> dict[str, int]
         ("source_feat_dim", "text_proj3.fc1.weight"),
     ):
         if not isinstance(state.get(key), Tensor) or state[key].dim() != 2:
-            raise InputError(f"{source}: not an alignment model (no {key}; spec §4.5 key names)")
+            raise InputError(
+                f"{source}: not an alignment model (no {key}; expected the original's key names)"
+            )
         widths[name] = int(state[key].shape[1])
     return widths
 
@@ -367,7 +367,7 @@ class LabelRankingConfig:
     @classmethod
     def from_config(cls, cfg: Any) -> LabelRankingConfig:
         """Read the fields from a Config / argparse namespace; settings it lacks keep the paper defaults.
-        `--task letor` / `letor_align` builds the document-vector variants (spec §4.5)."""
+        `--task letor` / `letor_align` builds the document-vector variants."""
         settings = settings_for(cls, cfg)
         settings["inputs"] = "vectors" if str(getattr(cfg, "task", "")).startswith("letor") else "clips"
         return cls(**settings)
@@ -389,7 +389,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ---- released checkpoint layouts (spec §7) -------------------------------------------------------------------
+# ---- released checkpoint layouts ---------------------------------------------------------------------------
 
 
 def split_ppo_state(state: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
