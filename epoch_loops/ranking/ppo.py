@@ -46,10 +46,12 @@ from epoch_loops.ranking.stages import (
     open_features,
     print_dry_run,
     print_trainable,
+    ranking_samples,
     report,
     require,
     save_best,
     write_final_metrics,
+    write_samples,
 )
 from epoch_loops.training import (
     Optimisation,
@@ -58,6 +60,7 @@ from epoch_loops.training import (
     checkpoint_state,
     linear_schedule,
     optimiser_step,
+    print_best,
     resume,
 )
 from evaluation.ranking import SELECTION_METRIC
@@ -222,11 +225,13 @@ def train_ppo(
     )
     updates, epoch, batches_done = 0, 0, 0
     logs: dict[str, list[float]] = {}
+    history: list[dict[str, Any]] = []
     if cfg.resume:
         state = resume(opt, cfg.resume, policy, kind="ppo")
         best, epoch, batches_done, updates = (
             state[k] for k in ("best_metric", "epoch", "batches_done", "updates")
         )
+        history = state.get("history", [])
     else:
         initial = ndcg(cfg, models.actor, splits["dev"])  # the initial actor is a candidate too
         best = initial[SELECTION_METRIC]
@@ -256,9 +261,12 @@ def train_ppo(
             if improved:
                 best = metrics[SELECTION_METRIC]
                 save_best(saver, "ppo", policy, cfg, step=opt.step, updates=updates, dev=metrics)
+            record = report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
+            history.append({**record, "step": opt.step, "update": updates})
+            write_samples(run, "ppo/dev_rankings", ranking_samples(cfg, models.actor, splits["dev"]), updates)
             state = checkpoint_state(opt, cfg, policy, epoch=epoch, best_metric=best)
-            saver.save("last.pt", {**state, "kind": "ppo", "batches_done": batches_done, "updates": updates})
-            report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
+            extra = {"kind": "ppo", "batches_done": batches_done, "updates": updates, "history": history}
+            saver.save("last.pt", {**state, **extra})
     selected = load_best(run, policy)
     metrics = {
         "dev": ndcg(cfg, models.actor, splits["dev"]),
@@ -267,9 +275,16 @@ def train_ppo(
         "updates": updates,
         "objective": cfg.ppo_objective,
         "selection": f"dev {SELECTION_METRIC}",
+        "history": history,
     }
     headline = f"ppo ({cfg.ppo_objective}): selected update {metrics['selected_update']} of {updates} on dev"
-    return write_final_metrics(run, cfg, headline, metrics)
+    write_final_metrics(run, cfg, headline, metrics)
+    print_best(
+        f"update {metrics['selected_update']}",
+        f"{SELECTION_METRIC} {metrics['dev'][SELECTION_METRIC]:.4f} (dev)",
+        run.path / "checkpoints" / "best.pt",
+    )
+    return metrics
 
 
 @torch.no_grad()
@@ -318,7 +333,8 @@ def update(
         for index in torch.randperm(len(rollout), generator=generator).split(minibatch):
             part = rollout.select(index)
             loss, stats = minibatch_loss(cfg, models, dataset, part)
-            optimiser_step(opt, loss, f"update {updates + 1}, ppo epoch {ppo_epoch + 1}")
+            where = f"update {updates + 1}, ppo epoch {ppo_epoch + 1}"
+            optimiser_step(opt, loss, where, {**stats, "reward": part.reward.mean()})
             for name, value in {"loss": loss.detach(), **stats}.items():
                 logs.setdefault(name, []).append(float(value))
 
