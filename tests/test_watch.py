@@ -212,3 +212,21 @@ def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path, capsys):
     )
     assert main([*argv[:-1], str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err == f"main.py: error: --runs {tmp_path / 'missing'}: no such folder\n"
+
+
+def test_progress_off_a_tty_is_a_periodic_log_line(monkeypatch, caplog):
+    """Long loops (1-by-1 captioning of a split, METEOR of a split) in a log file: a line every `every` s."""
+    from utilities import log
+
+    monkeypatch.setattr(log, "_progress_enabled", True)
+    monkeypatch.setattr(log.sys.stderr, "isatty", lambda: False, raising=False)
+    with caplog.at_level(logging.INFO, logger="utilities.log"):
+        assert list(log.progress(range(4), "METEOR of val_1", unit="pair", every=0)) == [0, 1, 2, 3]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines] == [
+        f"METEOR of val_1: {i}/4 ({100 * i / 4:.0f}%) pair" for i in (1, 2, 3, 4)
+    ]
+    caplog.clear()
+    assert list(log.progress(range(4), "x", every=3600)) == [0, 1, 2, 3] and not caplog.records
+    monkeypatch.setattr(log, "_progress_enabled", False)
+    assert list(log.progress(range(4), "x", every=0)) == [0, 1, 2, 3] and not caplog.records

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO, TypeVar
@@ -25,10 +26,40 @@ def setup_logging(progress: bool = True, level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """tqdm over `iterable` on a TTY with progress enabled; the plain iterable otherwise."""
-    disable = not (_progress_enabled and sys.stderr.isatty())
-    return iter(tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, dynamic_ncols=True))
+PROGRESS_LINE_SECONDS = 60.0
+
+
+def progress(
+    iterable: Iterable[T],
+    desc: str,
+    total: int | None = None,
+    unit: str = "it",
+    every: float = PROGRESS_LINE_SECONDS,
+) -> Iterator[T]:
+    """With `--progress` (the default): a tqdm bar on a TTY; elsewhere (a log file, nohup, a job queue) a log
+    line at most every `every` seconds, so that a long loop is seen to move. Without: the plain iterable."""
+    if not _progress_enabled:
+        return iter(iterable)
+    if sys.stderr.isatty():
+        return iter(tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True))
+    return _progress_lines(iterable, desc, total, unit, every)
+
+
+def _progress_lines(
+    iterable: Iterable[T], desc: str, total: int | None, unit: str, every: float
+) -> Iterator[T]:
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    started = last = time.perf_counter()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
+            logging.getLogger(__name__).info(
+                "%s: %d%s %s, %.3g %s/s", desc, done, of, unit, done / (now - started), unit
+            )
 
 
 class ConsoleCopy(logging.Handler):
