@@ -45,7 +45,7 @@ def plot(cfg: Config, run: RunDir) -> None:
                 for label, points in series.items():
                     curves.setdefault(family, {})[f"{name}: {label}" if label else name] = points
     out = Path(cfg.out or "curves.png")
-    draw(curves, out)
+    draw(dict(sorted(curves.items(), key=panel_order)), out)
     print(f"plot: {len(curves)} panels of {len(cfg.runs)} run folders -> {out}")
 
 
@@ -113,6 +113,12 @@ def run_curves(metrics: dict[str, Any]) -> Curves:
             add(("proposal F1 (val_1)", "epoch"), "", record["epoch"], record["val_1"][AVERAGE_KEY]["F1"])
             add(("training loss", "epoch"), "", record["epoch"], record["train_loss"])
     return curves
+
+
+def panel_order(family: tuple[tuple[str, str], Any]) -> tuple[bool, str, str]:
+    """Validation metrics first, then the training curves; per epoch before per step."""
+    (title, x_label), _ = family
+    return (title.startswith(("training", "held-out")), x_label, title)
 
 
 def draw(curves: Curves, out: Path) -> None:
