@@ -60,8 +60,9 @@ RUN_LOCAL = frozenset(
     }
 )
 """The settings a resumed run takes from its own command line, not from the checkpoint: where it runs (device,
-loader workers, the process-group timeout, mixed precision and compilation: weights stay fp32 either way), what it shows (progress bars, per-step scalars), where extra copies of its outputs go (--metrics_out,
---critic_out) and how it was started. None of them changes a trained weight or a reported number.
+loader workers, the process-group timeout, mixed precision and compilation: weights stay fp32 either way), what it
+shows (progress bars, per-step scalars), where extra copies of its outputs go (--metrics_out, --critic_out) and
+how it was started. None of them changes a trained weight or a reported number.
 `--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
 setting is the run's; giving it explicitly with another value is an error."""
 
@@ -211,9 +212,10 @@ def optimiser_step(
 ) -> float:
     """One optimiser step on `loss` (see the module docstring); `where` (epoch, batch, ...) goes into a stop's
     message; `stats` (the loop's own per-step values: reward, approx-KL, ...) go with the loss and gradient norm
-    into the per-step scalars (`StepLog`). Returns the global gradient norm before clipping. Under torchrun every rank calls it once per step:
-    the NaN check is agreed on by all ranks, and the trained parameters' gradients are averaged before clipping,
-    so every rank takes the same step (a rank stepping on a stand-in sample contributes a zero loss)."""
+    into the per-step scalars (`StepLog`). Returns the global gradient norm before clipping. Under torchrun every
+    rank calls it once per step: the NaN check is agreed on by all ranks, and the trained parameters' gradients
+    are averaged before clipping, so every rank takes the same step (a rank stepping on a stand-in sample
+    contributes a zero loss)."""
     if not distributed.contributing():
         loss = loss * 0.0
     finite = bool(torch.isfinite(loss).all())

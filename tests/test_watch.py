@@ -39,12 +39,14 @@ def runs(tmp_path_factory) -> dict:
         import io
         import sys
 
-        out = io.StringIO()
+        out, root = io.StringIO(), logging.getLogger()
         capture.setattr(sys, "stdout", out)
-        capture.setattr(logging.getLogger(), "level", logging.INFO)  # as setup_logging outside pytest
+        level = root.level
+        root.setLevel(logging.INFO)  # as setup_logging outside pytest (setLevel: the loggers' caches follow)
         try:
             assert main(argv) == 0
         finally:
+            root.setLevel(level)
             capture.undo()
         console[name] = out.getvalue()
         return console[name]
@@ -230,3 +232,18 @@ def test_progress_off_a_tty_is_a_periodic_log_line(monkeypatch, caplog):
     assert list(log.progress(range(4), "x", every=3600)) == [0, 1, 2, 3] and not caplog.records
     monkeypatch.setattr(log, "_progress_enabled", False)
     assert list(log.progress(range(4), "x", every=0)) == [0, 1, 2, 3] and not caplog.records
+
+
+def test_plot_does_not_load_torch(runs, tmp_path):
+    """Registered `uses_torch=False`: it runs where only the metrics files are (and starts in a second)."""
+    import subprocess
+    import sys
+
+    argv = ["--procedure", "plot", "--log_dir", str(tmp_path), "--out", str(tmp_path / "c.png")]
+    argv += ["--runs", str(runs["folders"]["pointwise"])]
+    code = f"import sys; from main import main; assert main({argv!r}) == 0; assert 'torch' not in sys.modules"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert imread(tmp_path / "c.png").shape[:2] == (360, 1040)  # two panels: NDCG@all (dev), training loss

@@ -1,5 +1,6 @@
 """The run directory `log/<procedure>/<exp_name>/`: config.json, train.log (the console's lines), TensorBoard
-events, metrics, predictions and `checkpoints/`. Everything needed to reproduce or resume a run lives there; nothing is overwritten silently.
+events, metrics, predictions and `checkpoints/`. Everything needed to reproduce or resume a run lives there;
+nothing is overwritten silently.
 
 The folder is created, with config.json, by the run's first write (`materialise`, which every writer calls):
 a run that stops on bad input before writing anything leaves no folder behind. A training run's resumable
