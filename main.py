@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
     )
-    data.add_argument("--out", default=None, help="pack_features: the .h5 file to write")
+    data.add_argument(
+        "--out", default=None, help="pack_features: the .h5 file to write; plot: the PNG (default curves.png)"
+    )
     data.add_argument(
         "--demo_dir", default="./.cache/demo", help="where the built-in demo dataset is generated"
     )
@@ -475,6 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     logging_.add_argument("--log_dir", default="./log/", help="runs go to <log_dir>/<procedure>/<exp_name>/")
     logging_.add_argument("--exp_name", default=None, help="run name; defaults to a timestamp")
     logging_.add_argument("--progress", action=BoolFlag, default=True, help="tqdm bars (only on a TTY)")
+    logging_.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="plot: run folders whose learning curves to draw",
+    )
+    logging_.add_argument(
+        "--log_every",
+        type=non_negative_int,
+        default=50,
+        help="training: TensorBoard scalars train/<name> (loss, grad norm, lr, steps/s, the loop's statistics) "
+        "averaged over every this many optimiser steps; 0: off (docs/watching-runs.md)",
+    )
     return parser
 
 

@@ -137,7 +137,8 @@ def demo(cfg: Config, run: RunDir) -> None:
     print(f"demo data: {paths.root} | " + " | ".join(f"{s}: {len(d)} segments" for s, d in datasets.items()))
     agent_cfg = Config(**{**cfg.to_dict(), **DEMO_AGENT, "procedure": "train_rl_cap"})
     if cfg.dry_run:
-        train(agent_cfg, RunDir(run.path / "agent", agent_cfg))
+        with RunDir(run.path / "agent", agent_cfg) as agent_run:
+            train(agent_cfg, agent_run)
         return
 
     train_keys = pooled_features(cfg, datasets["train"], "train")
@@ -166,7 +167,8 @@ def demo(cfg: Config, run: RunDir) -> None:
         print(
             f"\nthe BMHRL agent: {agent_cfg.rl_warmstart_epochs} warm-start epochs (run: {run.path / 'agent'})"
         )
-        state = train(agent_cfg, RunDir(run.materialise() / "agent", agent_cfg), meteor=meteor)
+        with RunDir(run.materialise() / "agent", agent_cfg) as agent_run:
+            state = train(agent_cfg, agent_run, meteor=meteor)
         for split in SPLITS:
             metrics[f"{split}/warm_start"] = state.history[-1]["val"][split]
         warm_start = run.path / "agent" / "checkpoints" / "last"
@@ -183,7 +185,8 @@ def demo(cfg: Config, run: RunDir) -> None:
                 }
             )
             print(f"\nRL from the warm start: {objective}, {rl_cfg.epoch_num} epochs (run: {rl_dir})")
-            rl_state = train(rl_cfg, RunDir(rl_dir, rl_cfg), meteor=meteor)
+            with RunDir(rl_dir, rl_cfg) as rl_run:
+                rl_state = train(rl_cfg, rl_run, meteor=meteor)
             for split in SPLITS:
                 metrics[f"{split}/rl_{objective}"] = rl_state.history[-1]["val"][split]
             metrics[f"rl_reward/{objective}"] = [r["train"]["reward"] for r in rl_state.history]
@@ -211,8 +214,8 @@ def proposals_demo(
     (`captions`) let the agent caption its own proposals: `dense/learned_proposals` METEOR and SODA_c."""
     prop_cfg = Config(**{**cfg.to_dict(), **DEMO_PROPOSALS, "rl_pretrained_model_dir": str(agent_dir)})
     print(f"\nthe proposal generator: {prop_cfg.epoch_num} train_prop epochs (run: {run.path / 'proposals'})")
-    prop_run = RunDir(run.materialise() / "proposals", prop_cfg)
-    train_prop(prop_cfg, prop_run)
+    with RunDir(run.materialise() / "proposals", prop_cfg) as prop_run:
+        train_prop(prop_cfg, prop_run)
     model, state = load_proposal_generator(prop_run.checkpoints / PROP_FILE)
     model.to(cfg.device)
     stores = open_stores(prop_cfg)

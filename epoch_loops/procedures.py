@@ -50,6 +50,7 @@ PROCEDURES: dict[str, Procedure] = {
     "ppo": Procedure("epoch_loops.ranking.ppo:ppo", trains=True, distributed=True),
     "export_ranking": Procedure("epoch_loops.ranking.checkpoints:export_ranking"),
     "letor_baselines": Procedure("epoch_loops.ranking.letor:baselines"),
+    "plot": Procedure("epoch_loops.plot:plot", uses_torch=False),
 }
 
 # `--task` selects another implementation of some procedures: LR²PPO's LETOR transfer experiment.

@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,13 @@ RUN_LOCAL = frozenset(
         "dist_timeout",
         "amp",
         "compile",
+        "log_every",
     }
 )
 """The settings a resumed run takes from its own command line, not from the checkpoint: where it runs (device,
-loader workers, the process-group timeout, mixed precision and compilation: weights stay fp32 either way), what it shows (progress bars), where extra copies of its outputs go (--metrics_out,
---critic_out) and how it was started. None of them changes a trained weight or a reported number.
+loader workers, the process-group timeout, mixed precision and compilation: weights stay fp32 either way), what it
+shows (progress bars, per-step scalars), where extra copies of its outputs go (--metrics_out, --critic_out) and
+how it was started. None of them changes a trained weight or a reported number.
 `--exp_name`/`--log_dir` are ignored: the run continues in the directory its checkpoint belongs to. Every other
 setting is the run's; giving it explicitly with another value is an error."""
 
@@ -116,11 +119,49 @@ def linear_schedule(
 # ---- the step ---------------------------------------------------------------------------------------------------
 
 
+STEP_TAG = "train"  # per-step scalars are `train/<name>` over the global optimiser step
+
+
+@dataclass
+class StepLog:
+    """The per-step TensorBoard scalars of every training loop (`--log_every N`, 0: none): every N optimiser
+    steps, the means over those N steps of the loss, the gradient norm (before clipping) and the loop's own
+    statistics (reward, approx-KL, ...), the learning rate of the first parameter group and the steps per second,
+    each as `train/<name>` at the global step. Values are summed on their device and read once per window, so
+    logging adds no synchronisation to the other steps. Rank 0 only (`RunDir.writer` is None elsewhere)."""
+
+    run: RunDir
+    every: int
+    sums: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, opt: Optimisation, values: Mapping[str, Any]) -> None:
+        """Count one optimiser step with its `values` (floats or tensors); write the window at every N-th step."""
+        for name, value in values.items():
+            value = value.detach() if isinstance(value, Tensor) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+        if opt.step % self.every == 0:
+            self.write(opt)
+
+    def write(self, opt: Optimisation) -> None:
+        writer = self.run.writer
+        if writer is not None:
+            for name, total in self.sums.items():
+                writer.add_scalar(f"{STEP_TAG}/{name}", float(total) / self.steps, opt.step)
+            writer.add_scalar(f"{STEP_TAG}/lr", opt.optimizer.param_groups[0]["lr"], opt.step)
+            elapsed = time.perf_counter() - self.started
+            writer.add_scalar(f"{STEP_TAG}/steps_per_s", self.steps / max(elapsed, 1e-9), opt.step)
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+
+
 @dataclass
 class Optimisation:
     """What `optimiser_step` works on: the optimiser over every trained parameter, the schedule stepped after
     each optimiser step (None: none, or one the loop steps itself, as captioning's plateau schedule), the
-    optimiser steps done, the run whose last checkpoint a stop names, and the fp16 loss scaler (`grad_scaler`)."""
+    optimiser steps done, the run whose last checkpoint a stop names (and whose TensorBoard gets the per-step
+    scalars, `StepLog`), and the fp16 loss scaler (`grad_scaler`)."""
 
     name: str  # the procedure or stage, for messages
     optimizer: torch.optim.Optimizer
@@ -129,6 +170,12 @@ class Optimisation:
     scheduler: Any = None
     step: int = 0
     scaler: torch.amp.GradScaler | None = None
+    step_log: StepLog | None = None
+
+    def __post_init__(self) -> None:
+        every = self.run.log_every if self.run is not None else 0
+        if every > 0 and is_rank0():
+            self.step_log = StepLog(self.run, every)
 
 
 # ---- mixed precision and compilation ----------------------------------------------------------------------------
@@ -160,11 +207,15 @@ def compiled(module: nn.Module, compile: bool) -> nn.Module:
     return torch.compile(module) if compile else module
 
 
-def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
+def optimiser_step(
+    opt: Optimisation, loss: Tensor, where: str = "", stats: Mapping[str, Any] | None = None
+) -> float:
     """One optimiser step on `loss` (see the module docstring); `where` (epoch, batch, ...) goes into a stop's
-    message. Returns the global gradient norm before clipping. Under torchrun every rank calls it once per step:
-    the NaN check is agreed on by all ranks, and the trained parameters' gradients are averaged before clipping,
-    so every rank takes the same step (a rank stepping on a stand-in sample contributes a zero loss)."""
+    message; `stats` (the loop's own per-step values: reward, approx-KL, ...) go with the loss and gradient norm
+    into the per-step scalars (`StepLog`). Returns the global gradient norm before clipping. Under torchrun every
+    rank calls it once per step: the NaN check is agreed on by all ranks, and the trained parameters' gradients
+    are averaged before clipping, so every rank takes the same step (a rank stepping on a stand-in sample
+    contributes a zero loss)."""
     if not distributed.contributing():
         loss = loss * 0.0
     finite = bool(torch.isfinite(loss).all())
@@ -189,6 +240,8 @@ def optimiser_step(opt: Optimisation, loss: Tensor, where: str = "") -> float:
     if opt.scheduler is not None:
         opt.scheduler.step()
     opt.step += 1
+    if opt.step_log is not None:
+        opt.step_log.add(opt, {"loss": loss.detach(), "grad_norm": norm.detach(), **(stats or {})})
     return float(norm)
 
 
@@ -208,6 +261,13 @@ def diverged(
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def print_best(where: str, metric: str, checkpoint: Path | None) -> None:
+    """The last line of every training run, one format for all: `best: <where>, <metric>, <checkpoint>` (e.g.
+    `best: epoch 3, METEOR 10.81 (val_1), log/train_rl_cap/x/checkpoints/E_3`). Rank 0 only."""
+    if is_rank0():
+        print(f"best: {where}, {metric}, {checkpoint}", flush=True)
 
 
 @dataclass

@@ -224,7 +224,7 @@ class DenseCaptioningEvaluator:
             for tiou in self.tious:
                 detection[tiou] = self._detection(predictions, matches, tiou)
 
-        scores = self._score_groups(table, group_ids, python_side)
+        scores = self._score_groups(table, group_ids, python_side, f"METEOR of {source}")
         metrics: dict[str, dict[str, float]] = {}
         for t_index, tiou in enumerate(self.tious):
             per_video = [scores.get(group_ids.get((vid, t_index))) for vid in self.video_ids]
@@ -316,14 +316,15 @@ class DenseCaptioningEvaluator:
 
     # ---- caption metrics -------------------------------------------------------------------------------------
     def _score_groups(
-        self, table: _PairTable, group_ids: dict, meanwhile: Callable[[], None]
+        self, table: _PairTable, group_ids: dict, meanwhile: Callable[[], None], desc: str
     ) -> dict[tuple[int, ...], dict[str, Any]]:
         """Scores of every distinct group of pairs: {pair ids: {bleu, meteor, rouge, cider}}.
 
-        METEOR's statistics come from Java in a background thread while Python computes the other metrics and
-        then calls `meanwhile`."""
+        METEOR's statistics come from Java in a background thread (its progress shown under `desc`) while Python
+        computes the other metrics and then calls `meanwhile`."""
         with ThreadPoolExecutor(max_workers=1) as pool:
-            meteor_stats = pool.submit(self.meteor.stats, [(hyp, [ref]) for hyp, ref in table.pairs])
+            pairs = [(hyp, [ref]) for hyp, ref in table.pairs]
+            meteor_stats = pool.submit(self.meteor.stats, pairs, desc)
             distinct = list(set(group_ids.values()))
             ngrams = PairNgrams(table.pairs)
             bleu = _group_sums(ngrams.bleu_counts(), distinct).tolist()

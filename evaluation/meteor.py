@@ -27,6 +27,7 @@ import numpy as np
 import pycocoevalcap.meteor.meteor as _pycoco_meteor
 
 from utilities.errors import ToolError
+from utilities.log import progress
 
 METEOR_JAR = Path(_pycoco_meteor.__file__).with_name("meteor-1.5.jar")
 JAVA_ENV = "MMRL_JAVA"  # overrides the `java` executable for METEOR and the PTB tokenizer
@@ -111,10 +112,11 @@ class Meteor:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
 
-    def stats(self, pairs: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
-        """Sufficient statistics of each (hypothesis, references) pair: one `SCORE` line each."""
+    def stats(self, pairs: Sequence[tuple[str, Sequence[str]]], desc: str | None = None) -> list[str]:
+        """Sufficient statistics of each (hypothesis, references) pair: one `SCORE` line each. `desc`: show the
+        answers' progress under this name (scoring a whole split takes minutes; RL rewards pass none)."""
         lines = [" ||| ".join(["SCORE", *map(sanitize, refs), sanitize(hyp)]) for hyp, refs in pairs]
-        return [answer[0] for answer in self._exchange(lines, [1] * len(lines))]
+        return [answer[0] for answer in self._exchange(lines, [1] * len(lines), desc)]
 
     def segment_scores(self, stats: Sequence[str] | np.ndarray) -> np.ndarray:
         """Sentence-level METEOR of each statistics line (or row of an (N, 23) array), as METEOR's own `EVAL`
@@ -144,8 +146,11 @@ class Meteor:
         self._kill()
 
     # ---- process handling ------------------------------------------------------------------------------
-    def _exchange(self, lines: list[str], answers_per_line: list[int]) -> list[list[str]]:
-        """Send all lines, read the expected number of answers; kill the process on any failure."""
+    def _exchange(
+        self, lines: list[str], answers_per_line: list[int], desc: str | None = None
+    ) -> list[list[str]]:
+        """Send all lines, read the expected number of answers (`desc`: with progress); kill the process on any
+        failure."""
         if not lines:
             return []
         with self._lock:
@@ -155,7 +160,8 @@ class Meteor:
             writer = threading.Thread(target=self._write, args=(self._proc, payload), daemon=True)
             writer.start()
             try:
-                answers = [[self._read_line() for _ in range(n)] for n in answers_per_line]
+                counts = answers_per_line if desc is None else progress(answers_per_line, desc, unit="pair")
+                answers = [[self._read_line() for _ in range(n)] for n in counts]
                 for answer in answers:
                     for line in answer:
                         float(line.split()[0])

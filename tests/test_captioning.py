@@ -358,6 +358,9 @@ def test_predict_on_the_sample_features_equals_direct_greedy_decoding(shared_dat
     assert main(predict_argv(tmp_path / "ours", sample, sample, tmp_path / "out.json")) == 0
     assert json.loads((tmp_path / "out.json").read_text()) == expected
     assert json.loads(capsys.readouterr().out) == expected
+    (run,) = (tmp_path / "log" / "predict").iterdir()  # a run folder as every procedure's (issue 19)
+    assert json.loads((run / "predictions.json").read_text()) == expected
+    assert {"config.json", "train.log"} <= {p.name for p in run.iterdir()}
 
     # packed HDF5 features give the same captions
     audio_dir = tmp_path / "audio"

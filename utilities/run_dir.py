@@ -1,5 +1,6 @@
-"""The run directory `log/<procedure>/<exp_name>/`: config.json, TensorBoard events, metrics, predictions and
-`checkpoints/`. Everything needed to reproduce or resume a run lives there; nothing is overwritten silently.
+"""The run directory `log/<procedure>/<exp_name>/`: config.json, train.log (the console's lines), TensorBoard
+events, metrics, predictions and `checkpoints/`. Everything needed to reproduce or resume a run lives there;
+nothing is overwritten silently.
 
 The folder is created, with config.json, by the run's first write (`materialise`, which every writer calls):
 a run that stops on bad input before writing anything leaves no folder behind. A training run's resumable
@@ -21,6 +22,7 @@ from typing import Any
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.files import write_json_atomic
+from utilities.log import ConsoleCopy
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,31 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+CONSOLE_FILE = "train.log"
+
+
 class RunDir:
+    """A run's folder. From its creation to `close` (or the end of a `with` block) the console is copied into
+    its `train.log` on rank 0 (a resumed run appends to it)."""
+
     def __init__(self, path: Path, config: Config, resuming: bool = False):
         self.path = path  # decided, not yet created: printing it is fine, writing goes through materialise()
         self._config = config
         self._resuming = resuming
         self._materialised = False
         self._writer = None
+        self._console = ConsoleCopy() if is_rank0() else None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def log_every(self) -> int:
+        """`--log_every`: optimiser steps per window of per-step TensorBoard scalars (0: none)."""
+        return getattr(self._config, "log_every", 0) or 0
 
     def materialise(self) -> Path:
         """Create the folder and write config.json, once; returns the folder. Only rank 0 writes files."""
@@ -52,6 +72,8 @@ class RunDir:
                 refuse_existing(self.path)  # another run may have taken the name since `open`
             self.path.mkdir(parents=True, exist_ok=True)
             self._config.save(self.path / "config.json")
+            if self._console is not None:
+                self._console.attach(self.path / CONSOLE_FILE)
             self._materialised = True
             log.info("run directory: %s", self.path)
         return self.path
@@ -89,6 +111,9 @@ class RunDir:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._console is not None:
+            self._console.stop()
+            self._console = None
 
     @classmethod
     @contextmanager

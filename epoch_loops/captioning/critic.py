@@ -27,7 +27,14 @@ from datasets.captioning.activitynet import read_captions_csv
 from datasets.captioning.segment_labels import LabelledCaption, read_seg_labels_json
 from datasets.embeddings import embedding_matrix
 from datasets.vocabulary import Vocabulary, tokenize, vocabulary_from_config
-from epoch_loops.training import Optimisation, Saver, checkpoint_state, optimiser_step, resume
+from epoch_loops.training import (
+    Optimisation,
+    Saver,
+    checkpoint_state,
+    optimiser_step,
+    print_best,
+    resume,
+)
 from model.blocks import VocabularyEmbedder
 from model.captioning.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
 from utilities.checkpoint import load_checkpoint
@@ -277,8 +284,13 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     if best is not None:
         print(
             f"best epoch {best['epoch']}: held-out boundary P {best['precision']:.3f} R {best['recall']:.3f} "
-            f"F1 {best['f1']:.3f} (all-boundary F1 {baseline:.3f}) -> {run.path / 'checkpoints' / CRITIC_FILE}"
-            + (f" and {cfg.critic_out}" if cfg.critic_out else "")
+            f"F1 {best['f1']:.3f} (all-boundary F1 {baseline:.3f})"
+            + (f"; also written to {cfg.critic_out}" if cfg.critic_out else "")
+        )
+        print_best(
+            f"epoch {best['epoch']}",
+            f"F1 {best['f1']:.3f} (held-out boundaries)",
+            run.path / "checkpoints" / CRITIC_FILE,
         )
 
 

@@ -42,6 +42,8 @@ from utilities.errors import InputError
 from utilities.files import write_json_atomic
 from utilities.run_dir import RunDir
 
+PREDICTIONS_FILE = "predictions.json"
+
 
 def predict(cfg: Config, run: RunDir) -> None:
     if cfg.prop_generator_model_path and not cfg.timestamps:
@@ -60,6 +62,9 @@ def predict(cfg: Config, run: RunDir) -> None:
     if cfg.predictions_out:
         write_json_atomic(cfg.predictions_out, results)
     print(json.dumps(results, indent=2))
+    run.write_json(
+        PREDICTIONS_FILE, results
+    )  # the run folder, as every run's: config.json, train.log, outputs
 
 
 def caption_segments(cfg: Config, segments: list[tuple[float, float]]) -> list[str]:

@@ -28,7 +28,14 @@ import torch
 from datasets.captioning.activitynet import Segment, drop_missing, open_stores, read_captions_csv
 from datasets.captioning.proposals import Video, VideoBatch, VideoDataset, videos_of
 from epoch_loops.captioning.proposal_files import PROP_FILE, encoder_from_captioning, proposal_checkpoint
-from epoch_loops.training import Optimisation, Saver, checkpoint_state, optimiser_step, resume
+from epoch_loops.training import (
+    Optimisation,
+    Saver,
+    checkpoint_state,
+    optimiser_step,
+    print_best,
+    resume,
+)
 from evaluation.densevid import AVERAGE_KEY, DenseCaptioningEvaluator
 from model.captioning.proposals import (
     MODALITIES,
@@ -227,7 +234,12 @@ def train_prop(cfg: Config, run: RunDir) -> None:
     best = metrics["best"]["val_1"][AVERAGE_KEY]
     print(
         f"best epoch {metrics['best']['epoch']}: P {best['Precision']:.4f} R {best['Recall']:.4f} "
-        f"F1 {best['F1']:.4f} -> {run.checkpoints / BEST_FILE}"
+        f"F1 {best['F1']:.4f}"
+    )
+    print_best(
+        f"epoch {metrics['best']['epoch']}",
+        f"F1 {best['F1']:.4f} (val_1 proposals)",
+        run.checkpoints / BEST_FILE,
     )
 
 

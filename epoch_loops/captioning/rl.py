@@ -419,7 +419,7 @@ def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
                     trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)
                 ) from None
             loss = result.policy_loss + result.value_loss
-            result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch)
+            result.stats["grad_norm"] = trainer.optimiser_step(loss, epoch, i, batch, result.stats)
         result.stats["reward_seconds"] = rewards.seconds
         result.stats["step_seconds"] = time.perf_counter() - started
         stats = distributed.mean_over_ranks(result.stats, 0.0 if batch.stand_in else float(len(batch)))

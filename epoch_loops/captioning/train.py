@@ -57,6 +57,7 @@ from epoch_loops.training import (
     grad_scaler,
     optimiser_step,
     precision,
+    print_best,
     resume,
 )
 from evaluation.densevid import DenseCaptioningEvaluator, Report, format_table
@@ -121,7 +122,20 @@ def train(cfg: Config, run: RunDir, meteor: Meteor | None = None) -> TrainState 
         validation = Validation(cfg, {s: datasets[s] for s in SPLITS}, val_batches, meteor)
         trainer = Trainer.create(cfg, agents, train_batches, meteor, run)
         state = restore(trainer, resume) if resume else TrainState()
-        return fit(trainer, validation, run, state)
+        state = fit(trainer, validation, run, state)
+    if state.best_epoch is None:
+        print_best(
+            f"no epoch validated (--one_by_one_starts_at {cfg.one_by_one_starts_at})",
+            "no METEOR",
+            run.last_checkpoint(),
+        )
+    else:
+        print_best(
+            f"epoch {state.best_epoch}",
+            f"METEOR {100 * state.best_metric:.2f} ({cfg.select_on})",
+            run.path / "checkpoints" / f"E_{state.best_epoch}",
+        )
+    return state
 
 
 def resume_folder(path: str) -> Path:
@@ -221,10 +235,16 @@ class Trainer:
         return self.group("worker")["lr"]
 
     def optimiser_step(
-        self, loss: torch.Tensor, epoch: int, batch_index: int, batch: CaptionBatch | None
+        self,
+        loss: torch.Tensor,
+        epoch: int,
+        batch_index: int,
+        batch: CaptionBatch | None,
+        stats: dict[str, Any] | None = None,
     ) -> float:
-        """`optimiser_step` over the agent and both value functions; a stop names the epoch, batch and videos."""
-        return optimiser_step(self.optimisation, loss, self.place(epoch, batch_index, batch))
+        """`optimiser_step` over the agent and both value functions; a stop names the epoch, batch and videos;
+        `stats` go into the per-step scalars."""
+        return optimiser_step(self.optimisation, loss, self.place(epoch, batch_index, batch), stats)
 
     @staticmethod
     def place(epoch: int, batch_index: int, batch: CaptionBatch | None) -> str:
@@ -343,15 +363,23 @@ def fit(trainer: Trainer, validation: Validation, run: RunDir, state: TrainState
         state.history.append(record)
         state.epoch = epoch + 1
         if is_rank0():
-            record_epoch(trainer, state, run, record, submissions, improved)
+            samples = validation.samples if "val" in record else {}
+            record_epoch(trainer, state, run, record, submissions, improved, samples)
         distributed.barrier()  # the epoch's checkpoint is complete before any rank goes on
     return state
 
 
 def record_epoch(
-    trainer: Trainer, state: TrainState, run: RunDir, record: dict, submissions: dict, improved: bool
+    trainer: Trainer,
+    state: TrainState,
+    run: RunDir,
+    record: dict,
+    submissions: dict,
+    improved: bool,
+    samples: dict[str, str],
 ) -> None:
-    """Every side effect of an epoch: prediction files, checkpoints, metrics.json, TensorBoard, the console."""
+    """Every side effect of an epoch: prediction files, checkpoints, metrics.json, TensorBoard (with the
+    validation's `samples` of captions), the console."""
     cfg, epoch = trainer.cfg, record["epoch"]
     for name, submission in submissions.items():
         run.write_json(name, submission)
@@ -362,12 +390,14 @@ def record_epoch(
     run.write_metrics("metrics.json", metrics_summary(cfg, state), cfg.metrics_out)
     writer = run.writer
     if writer is not None:
-        writer.add_scalar("train/lr", record["lr"], epoch)
+        writer.add_scalar("epoch/lr", record["lr"], epoch)
         for key, value in record["train"].items():
-            writer.add_scalar(f"train/{key}", value, epoch)
+            writer.add_scalar(f"epoch/{key}", value, epoch)
         for split, metrics in record.get("val", {}).items():
             for name, value in metrics.items():
                 writer.add_scalar(f"{split}/{name}", 100 * value, epoch)
+        for split, text in samples.items():
+            writer.add_text(f"{split}/captions", text, epoch)
         writer.flush()
     train = ", ".join(f"{k} {v:.4g}" for k, v in record["train"].items())
     line = f"epoch {epoch} {record['phase']}: {train}, lr {record['lr']:.3g}"
@@ -455,6 +485,7 @@ class Validation:
                 f"--reference_paths: expected {len(SPLITS)} files (val_1's, then val_2's), got {len(cfg.reference_paths)}"
             )
         self.cfg, self.datasets, self.loaders = cfg, datasets, loaders
+        self.samples: dict[str, str] = {}  # split → the last run's first captions, for TensorBoard (rank 0)
         self.evaluators = {
             split: DenseCaptioningEvaluator(
                 [reference], tious=[GT_TIOU], max_proposals=cfg.max_prop_per_vid, seed=cfg.seed, meteor=meteor
@@ -475,6 +506,7 @@ class Validation:
                 continue
             submission = submission_of(dataset.segments, sentences)
             submissions[f"captioning_results_{split}_{tag}.json"] = submission
+            self.samples[split] = caption_samples(dataset.segments, sentences)
             reports[split] = self.evaluators[split].evaluate(submission["results"], source=f"{split} {tag}")
             metrics[split] = reports[split].metrics[str(GT_TIOU)]
         if is_rank0():
@@ -517,6 +549,18 @@ def caption_text(ids: Sequence[int], vocab: Vocabulary) -> str:
         if i not in (vocab.unk_idx, vocab.pad_idx, vocab.start_idx):
             words.append(vocab.itos[i])
     return " ".join(words).capitalize()
+
+
+SAMPLE_SEGMENTS = 3  # validation segments whose captions TensorBoard shows every validated epoch
+
+
+def caption_samples(segments: Sequence[Segment], sentences: Sequence[str]) -> str:
+    """The first `SAMPLE_SEGMENTS` segments of a split (file order: the same ones every epoch), predicted
+    caption beside the reference, as TensorBoard text (markdown)."""
+    return "\n\n".join(
+        f"**{s.video_id} [{s.start:.1f}, {s.end:.1f}]**: predicted: {sentence} | reference: {s.caption}"
+        for s, sentence in zip(segments[:SAMPLE_SEGMENTS], sentences[:SAMPLE_SEGMENTS], strict=True)
+    )
 
 
 def submission_of(segments: Sequence[Segment], sentences: Sequence[str]) -> dict:

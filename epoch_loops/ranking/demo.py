@@ -86,7 +86,8 @@ def ranking_demo(cfg: Config, run: RunDir) -> dict[str, dict]:
 
     def run_stage(name: str, fn, stage_cfg: Config) -> dict:
         seed_everything(stage_cfg.seed)
-        return fn(stage_cfg, RunDir(run.path / "ranking" / name, stage_cfg))
+        with RunDir(run.path / "ranking" / name, stage_cfg) as stage_run:
+            return fn(stage_cfg, stage_run)
 
     if cfg.dry_run:
         print(f"ranking demo data: {paths.root}")
@@ -152,7 +153,8 @@ def letor_demo(cfg: Config, run: RunDir) -> dict[str, dict]:
             }
         )
         seed_everything(stage_cfg.seed)
-        return fn(stage_cfg, RunDir(run.path / "letor" / name, stage_cfg))
+        with RunDir(run.path / "letor" / name, stage_cfg) as stage_run:
+            return fn(stage_cfg, stage_run)
 
     def best(name: str) -> str:
         return str(run.path / "letor" / name / "checkpoints" / "best.pt")

@@ -57,10 +57,12 @@ from epoch_loops.ranking.stages import (
     open_features,
     print_dry_run,
     print_trainable,
+    ranking_samples,
     report,
     require,
     save_best,
     write_final_metrics,
+    write_samples,
 )
 from epoch_loops.training import (
     Optimisation,
@@ -72,6 +74,7 @@ from epoch_loops.training import (
     linear_schedule,
     optimiser_step,
     precision,
+    print_best,
     resume,
 )
 from evaluation.ranking import SELECTION_METRIC
@@ -248,11 +251,13 @@ def train_ppo(
     )
     updates, epoch, batches_done = 0, 0, 0
     logs: dict[str, list[float]] = {}
+    history: list[dict[str, Any]] = []
     if cfg.resume:
         state = resume(opt, cfg.resume, policy, kind="ppo")
         best, epoch, batches_done, updates = (
             state[k] for k in ("best_metric", "epoch", "batches_done", "updates")
         )
+        history = state.get("history", [])
     else:
         initial = ndcg(cfg, models.actor, splits["dev"])  # the initial actor is a candidate too
         best = initial[SELECTION_METRIC]
@@ -284,10 +289,13 @@ def train_ppo(
             if improved:
                 best = metrics[SELECTION_METRIC]
                 save_best(saver, "ppo", policy, cfg, step=opt.step, updates=updates, dev=metrics)
+            record = report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
+            history.append({**record, "step": opt.step, "update": updates})
+            write_samples(run, "ppo/dev_rankings", ranking_samples(cfg, models.actor, splits["dev"]), updates)
             state = checkpoint_state(opt, cfg, policy, epoch=epoch, best_metric=best)
-            saver.save("last.pt", {**state, "kind": "ppo", "batches_done": batches_done, "updates": updates})
+            extra = {"kind": "ppo", "batches_done": batches_done, "updates": updates, "history": history}
+            saver.save("last.pt", {**state, **extra})
             distributed.barrier()  # the checkpoints are complete before any rank goes on
-            report(run, "ppo", updates, logs, metrics, opt.scheduler.get_last_lr()[0], improved)
     selected = load_best(run, policy)
     metrics = {
         "dev": ndcg(cfg, models.actor, splits["dev"]),
@@ -296,9 +304,16 @@ def train_ppo(
         "updates": updates,
         "objective": cfg.ppo_objective,
         "selection": f"dev {SELECTION_METRIC}",
+        "history": history,
     }
     headline = f"ppo ({cfg.ppo_objective}): selected update {metrics['selected_update']} of {updates} on dev"
-    return write_final_metrics(run, cfg, headline, metrics)
+    write_final_metrics(run, cfg, headline, metrics)
+    print_best(
+        f"update {metrics['selected_update']}",
+        f"{SELECTION_METRIC} {metrics['dev'][SELECTION_METRIC]:.4f} (dev)",
+        run.path / "checkpoints" / "best.pt",
+    )
+    return metrics
 
 
 def global_rollout(parts: list[Rollout | None]) -> Rollout:
@@ -362,7 +377,9 @@ def update(
         with distributed.stand_in(stand_in):
             loss, stats = objective_loss(cfg, models, part, batch.to(cfg.device, non_blocking=True))
             where = f"update {updates + 1}, ppo epoch {ppo_epoch + 1}"
-            optimiser_step(opt, distributed.global_mean(loss, len(part)), where)
+            optimiser_step(
+                opt, distributed.global_mean(loss, len(part)), where, {**stats, "reward": part.reward.mean()}
+            )
         log_step(logs, loss, stats, 0.0 if stand_in else float(len(part)))
 
 

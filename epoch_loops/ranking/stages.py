@@ -22,10 +22,11 @@ contiguous part of a split, rank 0 computes the metrics from the gathered scores
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from epoch_loops.training import (
     checkpoint_state,
     linear_schedule,
     optimiser_step,
+    print_best,
     resume,
 )
 from evaluation.ranking import SELECTION_METRIC, clip_case, clip_ndcg, mean_ndcg, pair_accuracy
@@ -215,6 +217,31 @@ def ndcg(cfg: Config, scorer: FusionScorer, dataset: ClipDataset) -> dict[str, f
     return distributed.from_rank0(metrics)
 
 
+SAMPLE_CLIPS = 3  # dev clips whose ranking TensorBoard shows at every report
+
+
+def ranking_samples(cfg: Config, scorer: FusionScorer, dataset: Dataset, shown: int = 5) -> str | None:
+    """The first `SAMPLE_CLIPS` clips of an LRMovieNet split as TensorBoard text (markdown): the scorer's top
+    `shown` labels beside the most relevant ones (None for splits without label names, e.g. LETOR's)."""
+    if not isinstance(dataset, ClipDataset):
+        return None
+    subset = copy.copy(dataset)
+    subset.clips = replace(dataset.clips, clips=dataset.clips.clips[:SAMPLE_CLIPS])
+    lines = []
+    for clip, scores in zip(subset.clips.clips, score_clips(cfg, scorer, subset), strict=True):
+        ranked = [clip.tags[i] for i in np.argsort(-scores, kind="stable")[:shown]]
+        top = max(clip.targets)
+        gold = [t for t, level in zip(clip.tags, clip.targets, strict=True) if level == top][:shown]
+        lines.append(f"**{clip.id}**: predicted {', '.join(ranked)} | gold (level {top}) {', '.join(gold)}")
+    return "\n\n".join(lines)
+
+
+def write_samples(run: RunDir, tag: str, text: str | None, step: int) -> None:
+    """Validation samples (captions, rankings) as TensorBoard text on rank 0."""
+    if text and run.writer is not None:
+        run.writer.add_text(tag, text, step)
+
+
 @torch.no_grad()
 def reward_pair_accuracy(cfg: Config, model: RewardModel, dataset: RewardTripletDataset) -> dict[str, float]:
     """Share of comparisons where R(chosen) > R(rejected), and the mean reward margin: each rank scores its
@@ -278,6 +305,7 @@ class SupervisedStage:
     evaluate: dict[str, Callable[[nn.Module], dict]]  # "dev" / "test" → metrics
     selection: str  # the key of the dev metrics that selects the checkpoint
     logs: dict[str, list[float]] = field(default_factory=dict)
+    samples: Callable[[nn.Module], str | None] | None = None  # dev rankings shown at each report
 
 
 def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[str, Any]:
@@ -288,9 +316,10 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
     optimizer = adamw([(model, cfg.learning_rate)], cfg.ranking_weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
     opt = Optimisation(stage.kind, optimizer, cfg.grad_clip, run, scheduler)
-    best = None
+    best, history = None, []
     if cfg.resume:
-        best = resume(opt, cfg.resume, model, kind=stage.kind)["best_metric"]
+        state = resume(opt, cfg.resume, model, kind=stage.kind)
+        best, history = state["best_metric"], state.get("history", [])
     log.info(
         "%s: %d samples, %d steps (%d per epoch)", stage.kind, len(stage.train), total_steps, steps_per_epoch
     )
@@ -303,7 +332,7 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
             with distributed.stand_in(batch.stand_in):
                 loss, stats = stage.loss(model, batch)
                 count = stage.count(batch)
-                optimiser_step(opt, distributed.global_mean(loss, count), f"epoch {epoch + 1}")
+                optimiser_step(opt, distributed.global_mean(loss, count), f"epoch {epoch + 1}", stats)
             log_step(stage.logs, loss, stats, 0.0 if batch.stand_in else float(count))
             if opt.step % cfg.report_steps and opt.step != total_steps:
                 continue
@@ -313,20 +342,31 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
             if improved:
                 best = metrics[stage.selection]
                 save_best(saver, stage.kind, model, cfg, step=opt.step, dev=metrics)
+            lr = scheduler.get_last_lr()[0]
+            history.append(report(run, stage.kind, opt.step, stage.logs, metrics, lr, improved))
+            if stage.samples is not None:
+                write_samples(run, f"{stage.kind}/dev_rankings", stage.samples(model), opt.step)
+                model.train()
             state = checkpoint_state(opt, cfg, model, epoch=opt.step // steps_per_epoch, best_metric=best)
-            saver.save("last.pt", {**state, "kind": stage.kind})
+            saver.save("last.pt", {**state, "kind": stage.kind, "history": history})
             distributed.barrier()  # the checkpoints are complete before any rank goes on
-            report(run, stage.kind, opt.step, stage.logs, metrics, scheduler.get_last_lr()[0], improved)
     best_state = load_best(run, model)
     metrics = {
         "dev": stage.evaluate["dev"](model),
         "test": stage.evaluate["test"](model),
         "selected_step": best_state["step"],
         "selection": f"dev {stage.selection}",
+        "history": history,
     }
-    return write_final_metrics(
+    write_final_metrics(
         run, cfg, f"{stage.kind}: selected step {metrics['selected_step']} on dev {stage.selection}", metrics
     )
+    print_best(
+        f"step {metrics['selected_step']}",
+        f"{stage.selection} {metrics['dev'][stage.selection]:.4f} (dev)",
+        run.path / "checkpoints" / "best.pt",
+    )
+    return metrics
 
 
 def log_step(logs: dict[str, list[float]], loss: Tensor, stats: dict[str, Tensor], count: float) -> None:
@@ -354,8 +394,9 @@ def write_final_metrics(run: RunDir, cfg: Config, headline: str, metrics: dict) 
 
 def report(
     run: RunDir, kind: str, step: int, logs: dict[str, list[float]], dev: dict, lr: float, improved: bool
-) -> None:
-    """Log the training means since the last report and the dev metrics; TensorBoard on rank 0."""
+) -> dict[str, Any]:
+    """Log the training means since the last report and the dev metrics; TensorBoard on rank 0. Returns the
+    report for the metrics JSON's `history` (the learning curve `plot` draws)."""
     means = {name: float(np.mean(values)) for name, values in logs.items() if values}
     logs.clear()
     shown = {**{f"train/{k}": v for k, v in means.items()}, **{f"dev/{k}": v for k, v in dev.items()}}
@@ -374,6 +415,7 @@ def report(
             if isinstance(value, float):
                 run.writer.add_scalar(f"{kind}/{name}", value, step)
         run.writer.add_scalar(f"{kind}/lr", lr, step)
+    return {"step": step, "lr": lr, "train": means, "dev": dev}
 
 
 def pointwise_batch_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
@@ -415,6 +457,7 @@ def pointwise_stage(
         real_labels,
         ndcg_evaluators(cfg, splits),
         SELECTION_METRIC,
+        samples=lambda m: ranking_samples(cfg, m, splits["dev"]),
     )
 
 
