@@ -44,9 +44,6 @@ FAILS_ON_DEMO = {"train_critic": "./data/train.csv: no token is labelled as a se
 # Pages other branches add; a link to them resolves once those are merged (then empty this set).
 PENDING_PAGES = {
     "docs/multi-gpu.md",
-    "docs/multi-gpu-ranking.md",
-    "docs/watching-runs.md",
-    "docs/images/demo_curves.png",
 }
 
 
@@ -159,7 +156,6 @@ def train_checkpoints(root: Path, ranking) -> None:
     assert main([*stage, *flags(MODEL), *flags(overrides), "--max_tags", str(ranking.max_tags)]) == 0
 
 
-@requires_java
 def main_args(command: str) -> list[str] | None:
     """The arguments a README command gives main.py; None for `make X` and `./download_data.sh`, which are
     checked to exist here (they install or download)."""
