@@ -14,6 +14,7 @@ from epoch_loops.procedures import PROCEDURES, run_procedure
 from utilities.config import (
     BoolFlag,
     Config,
+    HelpFormatter,
     OneLineErrorParser,
     below_one,
     config_from_argv,
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="main.py",
         description="RL on multimodal video data: BMHRL dense video captioning and LR2PPO label ranking.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # `--config` is recognised by its full name before parsing
     )
     parser.add_argument("--procedure", required=True, choices=sorted(PROCEDURES), help="what to run")
