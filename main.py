@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
     )
     g["packing"].add_argument("--out", default=None, help="pack_features: the .h5 file to write")
+    g["packing"].add_argument(
+        "--overwrite", action=BoolFlag, default=False, help="pack_features: replace an existing --out"
+    )
     g["demo"].add_argument(
         "--demo_dir", default="./.cache/demo", help="where the built-in demo dataset is generated"
     )
