@@ -55,13 +55,17 @@ GROUPS: dict[str, str] = {
     "critic": "the segment critic's decision",
     "critic_training": "train_critic",
     "ranking_model": "LR2PPO's models",
-    "ranking_data": "LR2PPO's data and checkpoints",
+    "ranking_data": "LR2PPO's clip lists and features",
+    "ranking_checkpoint": "the ranking model a procedure starts from or reads",
+    "ranking_batches": "LR2PPO's batches",
     "ranking_training": "LR2PPO's stages",
     "PPO": "LR2PPO's stage 3",
     "ranking_evaluation": "ranking metrics and outputs",
     "export": "export_ranking",
-    "LETOR": "LR2PPO's LETOR transfer (--task letor, letor_align)",
-    "evaluation": "scoring captions and proposals",
+    "LETOR": "LR2PPO's LETOR transfer (--task letor, letor_align): the folds",
+    "alignment": "LETOR: the alignment model that projects every row",
+    "LETOR_test": "LETOR: the target rows eval scores",
+    "evaluation": "what eval scores, and against what",
     "metrics": "the metrics JSON",
 }
 
@@ -481,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train_critic: BCE weight of boundary tokens; 1 keeps the probabilities calibrated for the agent's "
         "threshold (--rl_critic_score_threshhold 0.25 already leans to recall)",
     )
-    g["ranking_evaluation"].add_argument(
+    g["evaluation"].add_argument(
         "--ranking_predictions",
         default=None,
         help='eval --task ranking: a predictions JSON [{"id", "scores": [...], "targets": [...]}, ...]',
@@ -549,7 +553,7 @@ def add_ranking_flags(g: dict[str, argparse._ArgumentGroup]) -> None:
     g["ranking_data"].add_argument(
         "--features_h5", default=None, help="feature HDF5 (clean_feat.h5): text_emb, img_emb"
     )
-    g["ranking_data"].add_argument(
+    g["ranking_checkpoint"].add_argument(
         "--pretrained_model_path",
         default=None,
         help="pointwise: optional scorer to start from; reward: optional scorer whose trunk starts the reward "
@@ -573,7 +577,7 @@ def add_ranking_flags(g: dict[str, argparse._ArgumentGroup]) -> None:
         default=0.01,
         help="AdamW weight decay (0 for biases and norms)",
     )
-    g["ranking_training"].add_argument(
+    g["ranking_batches"].add_argument(
         "--batch_size", type=positive_int, default=32, help="clips (pointwise), pairs (reward, ppo)"
     )
     g["ranking_training"].add_argument(
@@ -741,12 +745,12 @@ def add_letor_flags(g: dict[str, argparse._ArgumentGroup]) -> None:
     g["LETOR"].add_argument(
         "--target_feat_dim", type=positive_int, default=46, help="letor_align: target rows' width (MQ2008 46)"
     )
-    g["LETOR"].add_argument(
+    g["alignment"].add_argument(
         "--alignment_model_path",
         default=None,
         help="the alignment model (ours or the original's .bin) whose input MLPs project every row",
     )
-    g["LETOR"].add_argument(
+    g["LETOR_test"].add_argument(
         "--target_test_path", default=None, help="eval --task letor: raw target rows (svmlight)"
     )
 

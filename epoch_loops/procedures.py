@@ -50,9 +50,16 @@ class Procedure:
 # Flag groups of the captioning data pipeline, of its agent, and of LR²PPO's models and stages.
 CAPTION_DATA = ("captions", "features", "feature_files", "vocabulary", "loader")
 AGENT = (*CAPTION_DATA, "agent", "critic")
-RANKING = ("ranking_model", "ranking_data", "loader", "clipping", "metrics")
-STAGE = (*RANKING, "ranking_training", "ranking_evaluation")
-LETOR = ("LETOR", "ranking_model", "ranking_data", "metrics")
+RANKING = (
+    "ranking_model",
+    "ranking_checkpoint",
+    "ranking_batches",
+    "loader",
+    "ranking_evaluation",
+    "metrics",
+)
+STAGE = (*RANKING, "clipping", "ranking_training")
+LETOR_STAGE = ("LETOR", *STAGE)
 
 PROCEDURES: dict[str, Procedure] = {
     "demo": Procedure(
@@ -92,7 +99,7 @@ PROCEDURES: dict[str, Procedure] = {
     "data_summary": Procedure(
         "epoch_loops.data:data_summary",
         "check a caption dataset and its features, print its statistics",
-        (*CAPTION_DATA, "metrics"),
+        ("captions", "features", "feature_files", "vocabulary", "metrics"),
     ),
     "pack_features": Procedure(
         "epoch_loops.data:pack_features",
@@ -159,45 +166,55 @@ PROCEDURES: dict[str, Procedure] = {
         trains=True,
     ),
     "reward": Procedure(
-        "epoch_loops.ranking.stages:reward", "LR2PPO stage 2: the reward model", STAGE, trains=True
+        "epoch_loops.ranking.stages:reward",
+        "LR2PPO stage 2: the reward model",
+        (*STAGE, "ranking_data"),
+        trains=True,
     ),
     "ppo": Procedure(
         "epoch_loops.ranking.ppo:ppo",
         "LR2PPO stage 3: PPO from the stage-1 scorer and stage-2 reward model",
-        (*STAGE, "PPO"),
+        (*STAGE, "ranking_data", "PPO"),
         trains=True,
     ),
     "export_ranking": Procedure(
         "epoch_loops.ranking.checkpoints:export_ranking",
         "convert a ranking checkpoint to or from the original's released .bin",
-        ("export", "ranking_data", "ranking_model"),
+        (
+            "export",
+            "ranking_checkpoint",
+            "ranking_model",
+            "task",
+        ),  # --task letor: a LETOR model (vector inputs)
     ),
     "letor_baselines": Procedure(
         "epoch_loops.ranking.letor:baselines",
         "LR2PPO's LETOR transfer: the baselines on the aligned target data",
-        LETOR,
+        ("LETOR", "alignment", "ranking_model", "ranking_evaluation", "metrics", "task"),
     ),
 }
 
 # `--task` selects another implementation of some procedures: LR²PPO's LETOR transfer experiment.
 TASK_PROCEDURES: dict[tuple[str, str], Procedure] = {
     ("pointwise", "letor_align"): Procedure(
-        "epoch_loops.ranking.letor:align", "LETOR: the alignment model", (*LETOR, *STAGE), trains=True
+        "epoch_loops.ranking.letor:align", "LETOR: the alignment model", LETOR_STAGE, trains=True
     ),
     ("pointwise", "letor"): Procedure(
-        "epoch_loops.ranking.letor:pointwise", "LETOR: stage 1", (*LETOR, *STAGE), trains=True
+        "epoch_loops.ranking.letor:pointwise", "LETOR: stage 1", (*LETOR_STAGE, "alignment"), trains=True
     ),
     ("reward", "letor"): Procedure(
-        "epoch_loops.ranking.letor:reward", "LETOR: stage 2", (*LETOR, *STAGE), trains=True
+        "epoch_loops.ranking.letor:reward", "LETOR: stage 2", (*LETOR_STAGE, "alignment"), trains=True
     ),
     ("ppo", "letor"): Procedure(
-        "epoch_loops.ranking.letor:ppo", "LETOR: stage 3", (*LETOR, *STAGE, "PPO"), trains=True
+        "epoch_loops.ranking.letor:ppo", "LETOR: stage 3", (*LETOR_STAGE, "alignment", "PPO"), trains=True
     ),
     ("eval", "letor"): Procedure(
-        "epoch_loops.ranking.letor:evaluate", "LETOR: a checkpoint on the target test rows", LETOR
+        "epoch_loops.ranking.letor:evaluate",
+        "LETOR: a checkpoint on the target test rows",
+        ("alignment", "LETOR_test", *RANKING),
     ),
     ("data_summary", "letor"): Procedure(
-        "epoch_loops.ranking.letor:data_summary", "LETOR: the folds' statistics", LETOR
+        "epoch_loops.ranking.letor:data_summary", "LETOR: the folds' statistics", ("LETOR", "metrics")
     ),
 }
 
