@@ -28,6 +28,7 @@ from utilities.config import (
     tiou,
 )
 from utilities.errors import InputError, ToolError, TrainingError
+from utilities.run_dir import is_rank0
 
 # The flag groups, in the order the full help prints them. A procedure's registry entry names the groups it reads
 # (epoch_loops/procedures.py), and `--procedure NAME --help` prints only those: a new flag joins one group here.
@@ -774,9 +775,13 @@ def check_combinations(parser: argparse.ArgumentParser, cfg: Config) -> None:
             )
 
 
+def named_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    return {str(group.title): group for group in parser._action_groups}
+
+
 def flags_of(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> list[argparse.Action]:
     """The flags of the named groups, in their order."""
-    by_title = {group.title: group for group in parser._action_groups}
+    by_title = named_groups(parser)
     return [action for name in groups for action in by_title[name]._group_actions]
 
 
@@ -787,8 +792,9 @@ def procedure_help(parser: argparse.ArgumentParser, name: str, task: str | None)
     variant = f" --task {task}" if (name, task) in TASK_PROCEDURES else ""
     formatter.add_usage(f"{parser.prog} --procedure {name}{variant} [flags]", [], [], prefix="usage: ")
     formatter.add_text(TASK_PROCEDURES.get((name, task), PROCEDURES[name]).summary)
+    by_title = named_groups(parser)
     for title in groups:
-        group = next(g for g in parser._action_groups if g.title == title)
+        group = by_title[title]
         formatter.start_section(title)
         formatter.add_text(group.description)
         formatter.add_arguments(group._group_actions)
@@ -801,10 +807,12 @@ def overview_help(parser: argparse.ArgumentParser) -> str:
     width = max(map(len, PROCEDURES)) + 2
     lines = [f"usage: {parser.prog} --procedure NAME [flags]", "", str(parser.description), "", "procedures:"]
     lines += [f"  {name:<{width}}{spec.summary}" for name, spec in sorted(PROCEDURES.items())]
-    variants = ", ".join(f"--procedure {name} --task {task}" for name, task in TASK_PROCEDURES)
+    tasks = {task: [n for n, t in TASK_PROCEDURES if t == task] for _, task in TASK_PROCEDURES}
+    variants = "; ".join(f"--task {task} for {', '.join(names)}" for task, names in tasks.items())
     lines += [
         "",
-        f"python {parser.prog} --procedure NAME --help lists the flags NAME reads (also {variants}).",
+        f"python {parser.prog} --procedure NAME --help lists the flags NAME reads; add --task for a variant",
+        f"({variants}).",
         "Booleans take --flag, --no-flag or --flag true|false; --config takes a run folder or its config.json.",
     ]
     return "\n".join(lines) + "\n"
@@ -829,7 +837,7 @@ def warn_unread(parser: argparse.ArgumentParser, cfg: Config) -> None:
         action.dest for action in flags_of(parser, help_groups(cfg.procedure, getattr(cfg, "task", None)))
     }
     unread = sorted(cfg.given - read)
-    if unread:
+    if unread and is_rank0():  # under torchrun, once
         print(
             f"{parser.prog}: warning: --procedure {cfg.procedure} does not read "
             f"{', '.join('--' + flag for flag in unread)} (ignored; see --procedure {cfg.procedure} --help)",

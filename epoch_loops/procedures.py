@@ -61,135 +61,67 @@ RANKING = (
 STAGE = (*RANKING, "clipping", "ranking_training")
 LETOR_STAGE = ("LETOR", *STAGE)
 
+# fmt: off
 PROCEDURES: dict[str, Procedure] = {
     "demo": Procedure(
-        "epoch_loops.demo:demo",
-        "both systems end to end on the built-in demo data, with baselines",
-        (
-            "demo",
-            *AGENT,
-            "decoding",
-            "epochs",
-            "captioner_training",
-            "RL",
-            "evaluation",
-            "metrics",
-            "early_stopping",
-            "clipping",
-            "proposals",
-            "proposal_training",
-            "ranking_evaluation",
-        ),
+        "epoch_loops.demo:demo", "both systems end to end on the built-in demo data, with baselines",
+        ("demo", *AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "RL",
+         "proposals", "proposal_training", "evaluation", "ranking_evaluation", "metrics"),
     ),
     "eval": Procedure(
         "epoch_loops.evaluate:evaluate",
         "score predictions (captions, proposals or rankings), or validate a checkpoint",
-        (
-            "evaluation",
-            "metrics",
-            "proposals",
-            *AGENT,
-            "decoding",
-            "ranking_evaluation",
-            "ranking_data",
-            "ranking_model",
-        ),
+        ("evaluation", "metrics", "proposals", *AGENT, "decoding", *RANKING, "ranking_data"),
         uses_torch=False,
     ),
     "data_summary": Procedure(
-        "epoch_loops.data:data_summary",
-        "check a caption dataset and its features, print its statistics",
+        "epoch_loops.data:data_summary", "check a caption dataset and its features, print its statistics",
         ("captions", "features", "feature_files", "vocabulary", "metrics"),
     ),
     "pack_features": Procedure(
-        "epoch_loops.data:pack_features",
-        "pack a folder of .npy features into one HDF5 file",
+        "epoch_loops.data:pack_features", "pack a folder of .npy features into one HDF5 file",
         ("packing", "features"),
     ),
     "train_critic": Procedure(
-        "epoch_loops.captioning.critic:train_critic",
-        "train BMHRL's segment critic (the sub-goal boundaries)",
+        "epoch_loops.captioning.critic:train_critic", "train BMHRL's segment critic (the sub-goal boundaries)",
         ("captions", "vocabulary", "loader", "epochs", "clipping", "critic", "critic_training", "metrics"),
         trains=True,
     ),
     "train_rl_cap": Procedure(
-        "epoch_loops.captioning.train:train_rl_cap",
-        "train the BMHRL captioner: supervised warm start, then RL",
-        (
-            *AGENT,
-            "decoding",
-            "epochs",
-            "clipping",
-            "early_stopping",
-            "captioner_training",
-            "RL",
-            "evaluation",
-            "metrics",
-        ),
-        trains=True,
-        distributed=True,
+        "epoch_loops.captioning.train:train_rl_cap", "train the BMHRL captioner: supervised warm start, then RL",
+        (*AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "RL", "evaluation",
+         "metrics"),
+        trains=True, distributed=True,
     ),
     "train_prop": Procedure(
-        "epoch_loops.captioning.proposals:train_prop",
-        "train the event proposal generator on a captioner's encoder",
-        (
-            *AGENT,
-            "epochs",
-            "clipping",
-            "early_stopping",
-            "proposals",
-            "proposal_training",
-            "evaluation",
-            "metrics",
-        ),
+        "epoch_loops.captioning.proposals:train_prop", "train the event proposal generator on a captioner's encoder",
+        (*AGENT, "epochs", "clipping", "early_stopping", "proposals", "proposal_training", "evaluation", "metrics"),
         trains=True,
     ),
     "predict": Procedure(
-        "epoch_loops.captioning.predict:predict",
-        "caption one video (given segments or its own proposals)",
-        (
-            "features",
-            "feature_files",
-            "vocabulary",
-            "agent",
-            "critic",
-            "decoding",
-            "predict",
-            "proposals",
-            "evaluation",
-        ),
+        "epoch_loops.captioning.predict:predict", "caption one video (given segments or its own proposals)",
+        ("features", "feature_files", "vocabulary", "agent", "critic", "decoding", "predict", "proposals",
+         "evaluation"),
     ),
     "pointwise": Procedure(
-        "epoch_loops.ranking.stages:pointwise",
-        "LR2PPO stage 1: the pointwise label scorer",
-        STAGE,
-        trains=True,
+        "epoch_loops.ranking.stages:pointwise", "LR2PPO stage 1: the pointwise label scorer",
+        (*STAGE, "ranking_data"), trains=True,
     ),
     "reward": Procedure(
-        "epoch_loops.ranking.stages:reward",
-        "LR2PPO stage 2: the reward model",
-        (*STAGE, "ranking_data"),
-        trains=True,
+        "epoch_loops.ranking.stages:reward", "LR2PPO stage 2: the reward model",
+        (*STAGE, "ranking_data"), trains=True,
     ),
     "ppo": Procedure(
-        "epoch_loops.ranking.ppo:ppo",
-        "LR2PPO stage 3: PPO from the stage-1 scorer and stage-2 reward model",
-        (*STAGE, "ranking_data", "PPO"),
-        trains=True,
+        "epoch_loops.ranking.ppo:ppo", "LR2PPO stage 3: PPO from the stage-1 scorer and stage-2 reward model",
+        (*STAGE, "ranking_data", "PPO"), trains=True,
     ),
     "export_ranking": Procedure(
         "epoch_loops.ranking.checkpoints:export_ranking",
         "convert a ranking checkpoint to or from the original's released .bin",
-        (
-            "export",
-            "ranking_checkpoint",
-            "ranking_model",
-            "task",
-        ),  # --task letor: a LETOR model (vector inputs)
+        ("export", "ranking_checkpoint", "ranking_model", "task"),  # --task letor: a LETOR model (vector inputs)
     ),
     "letor_baselines": Procedure(
-        "epoch_loops.ranking.letor:baselines",
-        "LR2PPO's LETOR transfer: the baselines on the aligned target data",
+        "epoch_loops.ranking.letor:baselines", "LR2PPO's LETOR transfer: the baselines on the aligned target data",
         ("LETOR", "alignment", "ranking_model", "ranking_evaluation", "metrics", "task"),
     ),
 }
@@ -209,14 +141,14 @@ TASK_PROCEDURES: dict[tuple[str, str], Procedure] = {
         "epoch_loops.ranking.letor:ppo", "LETOR: stage 3", (*LETOR_STAGE, "alignment", "PPO"), trains=True
     ),
     ("eval", "letor"): Procedure(
-        "epoch_loops.ranking.letor:evaluate",
-        "LETOR: a checkpoint on the target test rows",
+        "epoch_loops.ranking.letor:evaluate", "LETOR: a checkpoint on the target test rows",
         ("alignment", "LETOR_test", *RANKING),
     ),
     ("data_summary", "letor"): Procedure(
         "epoch_loops.ranking.letor:data_summary", "LETOR: the folds' statistics", ("LETOR", "metrics")
     ),
 }
+# fmt: on
 
 # What the shared set-up (`run_procedure`) reads: shown for every procedure.
 COMMON_GROUPS = ("run",)
