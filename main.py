@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'"
     )
     g["run"].add_argument(
-        "--dry_run", action="store_true", help="build data/model/optimiser, print a summary, exit"
+        "--dry_run", action=BoolFlag, default=False, help="build data/model/optimiser, print a summary, exit"
     )
     g["run"].add_argument(
         "--resume",
