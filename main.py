@@ -10,10 +10,11 @@ import argparse
 import os
 import sys
 
-from epoch_loops.procedures import PROCEDURES, run_procedure
+from epoch_loops.procedures import PROCEDURES, TASK_PROCEDURES, help_groups, run_procedure
 from utilities.config import (
     BoolFlag,
     Config,
+    HelpFormatter,
     OneLineErrorParser,
     below_one,
     config_from_argv,
@@ -27,159 +28,225 @@ from utilities.config import (
     tiou,
 )
 from utilities.errors import InputError, ToolError, TrainingError
+from utilities.run_dir import is_rank0
+
+# The flag groups, in the order the full help prints them. A procedure's registry entry names the groups it reads
+# (epoch_loops/procedures.py), and `--procedure NAME --help` prints only those: a new flag joins one group here.
+GROUPS: dict[str, str] = {
+    "run": "every procedure",
+    "task": "--task picks what eval scores, or LR2PPO's LETOR variant of a procedure",
+    "torchrun": "under torchrun",
+    "captions": "the caption CSVs (ActivityNet Captions segments)",
+    "features": "the video and audio features' kind and widths",
+    "feature_files": "where the features are",
+    "vocabulary": "the caption vocabulary and word vectors",
+    "loader": "data loading",
+    "packing": "pack_features",
+    "output": "the file pack_features or plot writes",
+    "plot": "plot",
+    "watching": "per-step TensorBoard scalars of a training run",
+    "demo": "the built-in demo dataset",
+    "agent": "the BMHRL captioning agent",
+    "decoding": "how captions are decoded",
+    "epochs": "the captioning training loops",
+    "clipping": "every training loop",
+    "early_stopping": "train_rl_cap, train_prop",
+    "captioner_training": "the captioner's optimisation (train_rl_cap)",
+    "RL": "the RL epochs of train_rl_cap",
+    "predict": "captioning one video",
+    "proposals": "the event proposal generator's output",
+    "proposal_training": "train_prop",
+    "critic": "the segment critic's decision",
+    "critic_training": "train_critic",
+    "ranking_model": "LR2PPO's models",
+    "ranking_data": "LR2PPO's clip lists and features",
+    "ranking_checkpoint": "the ranking model a procedure starts from or reads",
+    "ranking_batches": "LR2PPO's batches",
+    "ranking_training": "LR2PPO's stages",
+    "PPO": "LR2PPO's stage 3",
+    "ranking_evaluation": "ranking metrics and outputs",
+    "export": "export_ranking",
+    "LETOR": "LR2PPO's LETOR transfer (--task letor, letor_align): the folds",
+    "alignment": "LETOR: the alignment model that projects every row",
+    "LETOR_test": "LETOR: the target rows eval scores",
+    "evaluation": "what eval scores, and against what",
+    "metrics": "the metrics JSON",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="main.py",
         description="RL on multimodal video data: BMHRL dense video captioning and LR2PPO label ranking.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         allow_abbrev=False,  # `--config` is recognised by its full name before parsing
     )
-    parser.add_argument("--procedure", required=True, choices=sorted(PROCEDURES), help="what to run")
-    parser.add_argument(
+    g = {name: parser.add_argument_group(name, about) for name, about in GROUPS.items()}
+    g["run"].add_argument(
+        "--procedure",
+        required=True,
+        choices=sorted(PROCEDURES),
+        metavar="NAME",
+        help="what to run (see --help)",
+    )
+    g["run"].add_argument(
         "--config", default=None, help="a saved run's config.json; explicit flags win over it"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
-    parser.add_argument(
+    g["run"].add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order")
+    g["run"].add_argument(
         "--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0'"
     )
-    parser.add_argument(
-        "--dry_run", action="store_true", help="build data/model/optimiser, print a summary, exit"
+    g["run"].add_argument(
+        "--dry_run", action=BoolFlag, default=False, help="build data/model/optimiser, print a summary, exit"
     )
-    parser.add_argument("--resume", default=None, help="checkpoint to resume training from (exact resume)")
-    parser.add_argument(
+    g["run"].add_argument(
+        "--resume",
+        default=None,
+        help="a checkpoint to resume training from (exact resume; training procedures)",
+    )
+    g["captioner_training"].add_argument(
         "--amp",
         default=None,
         choices=["none", "bf16", "fp16"],
         help="mixed precision of the training forward passes (autocast; fp16 with a loss scaler); default: bf16 on "
         "a CUDA device that supports it, none otherwise",
     )
-    parser.add_argument(
+    g["captioner_training"].add_argument(
         "--compile", action=BoolFlag, default=False, help="torch.compile the trained module's forward"
     )
-    parser.add_argument(
+    g["torchrun"].add_argument(
         "--dist_timeout",
         type=positive_float,
         default=600.0,
         help="under torchrun: seconds a rank waits for the others in a collective before the job fails",
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument("--train_meta_path", default="./data/train.csv", help="train segments (caption CSV)")
-    data.add_argument("--val_1_meta_path", default="./data/val_1.csv", help="val_1 segments (caption CSV)")
-    data.add_argument("--val_2_meta_path", default="./data/val_2.csv", help="val_2 segments (caption CSV)")
-    data.add_argument(
+    g["captions"].add_argument(
+        "--train_meta_path", default="./data/train.csv", help="train segments (caption CSV)"
+    )
+    g["captions"].add_argument(
+        "--val_1_meta_path", default="./data/val_1.csv", help="val_1 segments (caption CSV)"
+    )
+    g["captions"].add_argument(
+        "--val_2_meta_path", default="./data/val_2.csv", help="val_2 segments (caption CSV)"
+    )
+    g["features"].add_argument(
         "--modality",
         default="audio_video",
         choices=["audio", "video", "audio_video"],
         help="which features a run reads",
     )
-    data.add_argument(
+    g["feature_files"].add_argument(
         "--video_features_path",
         default="./data/i3d_25fps_stack64step64_2stream_npy/",
         help="directory of <vid>_rgb.npy/<vid>_flow.npy, or one packed .h5 file",
     )
-    data.add_argument(
+    g["feature_files"].add_argument(
         "--audio_features_path",
         default="./data/vggish_npy/",
         help="directory of <vid>.npy, or one packed .h5",
     )
-    data.add_argument("--d_vid", type=positive_int, default=1024, help="raw video feature dimension")
-    data.add_argument("--d_aud", type=positive_int, default=128, help="raw audio feature dimension")
-    data.add_argument(
+    g["features"].add_argument("--d_vid", type=positive_int, default=1024, help="raw video feature dimension")
+    g["features"].add_argument("--d_aud", type=positive_int, default=128, help="raw audio feature dimension")
+    g["feature_files"].add_argument(
         "--skip_missing_features",
         action=BoolFlag,
         default=False,
         help="drop segments whose features are missing",
     )
-    data.add_argument(
+    g["vocabulary"].add_argument(
         "--word_emb_caps", default="./.vector_cache/glove.840B.300d.zip", help="GloVe .txt/.zip or 'random'"
     )
-    data.add_argument(
+    g["agent"].add_argument(
         "--unfreeze_word_emb", action=BoolFlag, default=False, help="fine-tune the word embeddings"
     )
-    data.add_argument(
+    g["vocabulary"].add_argument(
         "--vocab_path", default=None, help="an itos list (one token per line or JSON list) to load"
     )
-    data.add_argument(
+    g["vocabulary"].add_argument(
         "--min_freq_caps",
         type=non_negative_int,
         default=1,
         help="minimum train frequency of a vocabulary word",
     )
-    data.add_argument("--unk_token", default="<unk>", help="unknown-word token (the original's: ' UNK ')")
-    data.add_argument("--start_token", default="<s>", help="start-of-caption token")
-    data.add_argument("--end_token", default="</s>", help="end-of-caption token")
-    data.add_argument("--pad_token", default="<blank>", help="padding token")
-    data.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    data.add_argument(
+    g["vocabulary"].add_argument(
+        "--unk_token", default="<unk>", help="unknown-word token (the original's: ' UNK ')"
+    )
+    g["vocabulary"].add_argument("--start_token", default="<s>", help="start-of-caption token")
+    g["vocabulary"].add_argument("--end_token", default="</s>", help="end-of-caption token")
+    g["vocabulary"].add_argument("--pad_token", default="<blank>", help="padding token")
+    g["loader"].add_argument(
+        "--num_workers", type=non_negative_int, default=2, help="DataLoader worker processes"
+    )
+    g["packing"].add_argument(
         "--features_dir", default=None, help="pack_features: the directory of .npy files to pack"
     )
-    data.add_argument(
+    g["output"].add_argument(
         "--out", default=None, help="pack_features: the .h5 file to write; plot: the PNG (default curves.png)"
     )
-    data.add_argument(
+    g["packing"].add_argument(
+        "--overwrite", action=BoolFlag, default=False, help="pack_features: replace an existing --out"
+    )
+    g["demo"].add_argument(
         "--demo_dir", default="./.cache/demo", help="where the built-in demo dataset is generated"
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    g["agent"].add_argument(
         "--mode",
         default="BMHRL",
         choices=["BMHRL", "AHRL", "VHRL", "BM", "eval"],
         help="the captioning agent: bimodal hierarchical, audio-only, video-only, bimodal without hierarchy; "
         "'eval' validates --rl_pretrained_model_dir (a BMHRL agent) without training",
     )
-    model.add_argument(
+    g["vocabulary"].add_argument(
         "--d_model_caps", type=positive_int, default=300, help="caption width (= word embedding size)"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--d_model", type=positive_int, default=1024, help="inner width of every multi-head attention"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_att_heads", type=positive_int, default=4, help="attention heads (encoder, fusion stacks)"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_att_layers", type=positive_int, default=2, help="layers of the encoder and fusion stacks"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_ff_v", type=positive_int, default=1024, help="feed-forward width of the video stream"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_ff_a", type=positive_int, default=512, help="feed-forward width of the audio stream"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_goal_d", type=positive_int, default=64, help="goal width (manager output, worker query)"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_goal_att_heads",
         type=positive_int,
         default=2,
         help="heads of the worker's goal attention (fixed in the original)",
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--dout_p", type=below_one, default=0.1, help="dropout probability everywhere in the agent"
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--segmenter",
         default="critic",
         choices=["critic", "heuristic"],
         help="what marks sub-goal ends: the frozen segment critic (--rl_critic_path) or the punctuation and "
         "clause-word rule (no checkpoint needed)",
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_critic_path",
         default="./data/models/critic.cp",
         help="segment critic state dict (critic.cp layout)",
     )
-    model.add_argument(
+    g["critic"].add_argument(
         "--rl_critic_score_threshhold",
         type=probability,
         default=0.25,
         help="a token ends a segment when sigmoid(critic logit) exceeds this",
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--goal_timing",
         default="original",
         choices=["original", "aligned"],
@@ -187,143 +254,143 @@ def build_parser() -> argparse.ArgumentParser:
         "after the next (the first word of the new clause still comes from the old goal, as the original), "
         "aligned = from the next output (README: the goal lag)",
     )
-    model.add_argument(
+    g["agent"].add_argument(
         "--rl_pretrained_model_dir",
         default=None,
         help="a checkpoint folder with bm_hrl_agent.pt and the value functions (ours or the original's)",
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--B", type=positive_int, default=16, help="train batch size")
-    training.add_argument(
+    g["epochs"].add_argument("--B", type=positive_int, default=16, help="train batch size")
+    g["epochs"].add_argument(
         "--inf_B_coeff", type=positive_int, default=2, help="validation batch = inf_B_coeff × B"
     )
-    training.add_argument("--epoch_num", type=positive_int, default=100, help="epochs to train")
-    training.add_argument(
+    g["epochs"].add_argument("--epoch_num", type=positive_int, default=100, help="epochs to train")
+    g["captioner_training"].add_argument(
         "--rl_warmstart_epochs",
         type=non_negative_int,
         default=1,
         help="supervised warm-start epochs before RL (exactly this many)",
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--rl_cap_warmstart_lr", type=positive_float, default=1e-4, help="agent Adam lr in the warm start"
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--rl_cap_lr", type=positive_float, default=1e-4, help="agent Adam lr in the RL epochs"
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--weight_decay", type=non_negative_float, default=0.0, help="Adam weight decay of the agent"
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--smoothing",
         type=below_one,
         default=0.7,
         help="label smoothing of the warm-start loss (and biased_kl's ε)",
     )
-    training.add_argument(
+    g["clipping"].add_argument(
         "--grad_clip",
         type=positive_float,
         default=None,
         help="clip the gradient norm to this before each step",
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--one_by_one_starts_at", type=non_negative_int, default=1, help="first epoch that is validated"
     )
-    training.add_argument(
+    g["early_stopping"].add_argument(
         "--early_stop_after",
         type=positive_int,
         default=30,
         help="stop after this many validations without improvement",
     )
-    training.add_argument(
+    g["decoding"].add_argument(
         "--max_len", type=positive_int, default=30, help="most tokens a decoded caption may have"
     )
-    training.add_argument(
+    g["decoding"].add_argument(
         "--beam_size", type=positive_int, default=1, help="1: greedy decoding; more: beam search"
     )
-    training.add_argument(
+    g["decoding"].add_argument(
         "--length_penalty",
         type=non_negative_float,
         default=1.0,
         help="beam search ranks by sum(log p) / length**this",
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--select_on",
         default="val_1",
         choices=["val_1", "mean"],
         help="the METEOR that selects checkpoints and drives early stopping: val_1 (as the paper's 10.80) or the "
         "mean of val_1 and val_2 (BMT's)",
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--scheduler",
         default="constant",
         choices=["constant", "reduce_on_plateau"],
         help="agent learning-rate schedule; reduce_on_plateau multiplies the lr by --lr_reduce_factor after "
         "--lr_patience validations without improvement of the --select_on METEOR",
     )
-    training.add_argument(
+    g["captioner_training"].add_argument(
         "--lr_patience", type=non_negative_int, default=2, help="reduce_on_plateau: patience"
     )
-    training.add_argument("--lr_reduce_factor", type=open_unit, default=0.5, help="reduce_on_plateau: factor")
+    g["captioner_training"].add_argument(
+        "--lr_reduce_factor", type=open_unit, default=0.5, help="reduce_on_plateau: factor"
+    )
 
-    rl = parser.add_argument_group("RL")
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_value_function_lr",
         type=positive_float,
         default=1e-4,
         help="Adam lr of the worker and manager value functions",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_objective",
         default="scst",
         choices=["scst", "biased_kl"],
         help="scst: self-critical sequence training on sampled captions with hierarchical credit; biased_kl: "
         "the original's reward-weighted label smoothing under teacher forcing (bugs fixed, README)",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_reward",
         default="meteor",
         choices=["meteor", "cider"],
         help="sentence reward: METEOR 1.5 (the evaluation metric) or CIDEr-D with training-set document "
         "frequencies (for scst: METEOR pays for repeated words in sampled captions, README)",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_samples", type=positive_int, default=5, help="scst: captions sampled per segment (K)"
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--scst_baseline",
         default="greedy",
         choices=["greedy", "mean", "value"],
         help="scst: the reward subtracted from a sample's: the greedy caption's, the mean of the segment's "
         "other samples (needs --rl_samples >= 2), or the value functions' predictions",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_train_worker",
         action=BoolFlag,
         default=True,
         help="the first RL epoch trains the worker (--no-rl_train_worker: the manager); RL epochs then "
         "alternate between the two, one module per epoch",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_gamma_worker",
         type=probability,
         default=0.7,
         help="biased_kl: discount of the later ΔMETEOR rewards in a worker token's return (the original's "
         "intent; its code never applied it: 0 gives its plain per-token ΔMETEOR)",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_gamma_manager",
         type=probability,
         default=0.8,
         help="discount of the sub-goal rewards that make a manager goal's return",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--rl_stabilize",
         action=BoolFlag,
         default=False,
         help="biased_kl: subtract the value function's prediction from the reward (a baseline)",
     )
-    rl.add_argument(
+    g["RL"].add_argument(
         "--compat_biased_kl_grad",
         action=BoolFlag,
         default=False,
@@ -331,12 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the original did (a bug: it is not a policy gradient)",
     )
 
-    predict = parser.add_argument_group("predict")
-    predict.add_argument("--video_id", default=None, help="predict: the video whose features are read")
-    predict.add_argument(
+    g["predict"].add_argument("--video_id", default=None, help="predict: the video whose features are read")
+    g["predict"].add_argument(
         "--duration", type=positive_float, default=None, help="predict: the video's duration (seconds)"
     )
-    predict.add_argument(
+    g["predict"].add_argument(
         "--timestamps",
         type=non_negative_float,
         nargs="+",
@@ -344,105 +410,103 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S E",
         help="predict: segments to caption, start and end in seconds: S1 E1 [S2 E2 ...]",
     )
-    predict.add_argument(
+    g["predict"].add_argument(
         "--predictions_out", default=None, help='predict: write [{"start", "end", "sentence"}, ...] here'
     )
 
-    proposals = parser.add_argument_group("proposals (train_prop, predict and eval without timestamps)")
-    proposals.add_argument(
+    g["proposals"].add_argument(
         "--prop_generator_model_path",
         default=None,
         help="a proposal generator checkpoint, best_prop_model.pt (ours or BMT's)",
     )
-    proposals.add_argument(
+    g["predict"].add_argument(
         "--proposals_only",
         action=BoolFlag,
         default=False,
         help='predict: write the proposals [{"start", "end", "proposal_score"}] without captioning them',
     )
-    proposals.add_argument(
+    g["proposals"].add_argument(
         "--nms_tiou_thresh",
         type=tiou,
         default=None,
         help="drop a proposal whose tIoU with a better-scored kept one reaches this (off by default)",
     )
-    proposals.add_argument(
+    g["proposal_training"].add_argument(
         "--pretrained_cap_model_path",
         default=None,
         help="train_prop: BMT's best_cap_model.pt to take the encoder from (else --rl_pretrained_model_dir)",
     )
-    proposals.add_argument("--prop_lr", type=positive_float, default=5e-5, help="train_prop: Adam lr")
+    g["proposal_training"].add_argument(
+        "--prop_lr", type=positive_float, default=5e-5, help="train_prop: Adam lr"
+    )
     for modality, anchors, kernels in (
         ("audio", 48, [5, 13, 23, 35, 51, 69, 91, 121, 161, 211]),
         ("video", 128, [1, 5, 9, 13, 19, 25, 35, 45, 61, 79]),
     ):
-        proposals.add_argument(
+        g["proposal_training"].add_argument(
             f"--anchors_num_{modality}",
             type=positive_int,
             default=anchors,
             help=f"train_prop: {modality} anchors (k-means centres of the training segment lengths)",
         )
-        proposals.add_argument(
+        g["proposal_training"].add_argument(
             f"--kernel_sizes_{modality}",
             type=positive_int,
             nargs="+",
             default=kernels,
             help=f"train_prop: one {modality} head per (odd) kernel size",
         )
-        proposals.add_argument(
+        g["proposal_training"].add_argument(
             f"--conv_layers_{modality}",
             type=positive_int,
             nargs="+",
             default=[512, 512],
             help=f"train_prop: hidden widths of each {modality} head",
         )
-    proposals.add_argument(
+    g["proposal_training"].add_argument(
         "--noobj_coeff", type=non_negative_float, default=100.0, help="train_prop: no-object BCE weight"
     )
-    proposals.add_argument(
+    g["proposal_training"].add_argument(
         "--obj_coeff", type=non_negative_float, default=1.0, help="train_prop: object BCE weight"
     )
-    proposals.add_argument(
+    g["proposal_training"].add_argument(
         "--finetune_cap_encoder",
         action=BoolFlag,
         default=False,
         help="train_prop: train the captioning encoder too (frozen by default)",
     )
 
-    critic = parser.add_argument_group("segment critic (train_critic)")
-    critic.add_argument(
+    g["critic_training"].add_argument(
         "--critic_out",
         default=None,
         help="train_critic: also write the best critic.cp (original layout) here",
     )
-    critic.add_argument(
+    g["critic_training"].add_argument(
         "--critic_lr", type=positive_float, default=1e-3, help="train_critic: Adam learning rate"
     )
-    critic.add_argument(
+    g["critic_training"].add_argument(
         "--critic_pos_weight",
         type=positive_float,
         default=1.0,
         help="train_critic: BCE weight of boundary tokens; 1 keeps the probabilities calibrated for the agent's "
         "threshold (--rl_critic_score_threshhold 0.25 already leans to recall)",
     )
-    ranking = parser.add_argument_group("ranking")
-    ranking.add_argument(
+    g["evaluation"].add_argument(
         "--ranking_predictions",
         default=None,
         help='eval --task ranking: a predictions JSON [{"id", "scores": [...], "targets": [...]}, ...]',
     )
-    ranking.add_argument(
+    g["ranking_evaluation"].add_argument(
         "--ndcg_empty_ideal",
         type=int,
         choices=[0, 1],
         default=1,
         help="NDCG of a clip without relevant labels (ideal DCG 0): 1 as LR2PPO/LightGBM, 0 as allRank",
     )
-    add_ranking_flags(ranking)
-    add_letor_flags(parser.add_argument_group("LETOR transfer (--task letor, letor_align)"))
+    add_ranking_flags(g)
+    add_letor_flags(g)
 
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
+    g["task"].add_argument(
         "--task",
         default="captioning",
         choices=["captioning", "proposals", "ranking", "letor", "letor_align"],
@@ -450,207 +514,214 @@ def build_parser() -> argparse.ArgumentParser:
         "transfer experiment for pointwise, reward, ppo, eval and data_summary; letor_align (pointwise): its "
         "alignment model",
     )
-    evaluation.add_argument("--submission", default=None, help="eval: the predictions JSON (official format)")
-    evaluation.add_argument(
+    g["evaluation"].add_argument(
+        "--submission", default=None, help="eval: the predictions JSON (official format)"
+    )
+    g["evaluation"].add_argument(
         "--proposals", default=None, help='eval: a proposal file (BMT\'s format, {"results": {vid: [...]}})'
     )
-    evaluation.add_argument(
+    g["evaluation"].add_argument(
         "--reference_paths",
         nargs="+",
         default=["./data/val_1_no_missings.json", "./data/val_2_no_missings.json"],
         help="reference JSONs",
     )
-    evaluation.add_argument(
+    g["evaluation"].add_argument(
         "--tIoUs",
         type=tiou,
         nargs="+",
         default=[0.3, 0.5, 0.7, 0.9],
         help="tIoU thresholds a prediction must reach to be matched",
     )
-    evaluation.add_argument(
+    g["evaluation"].add_argument(
         "--max_prop_per_vid", type=positive_int, default=100, help="predictions kept per video"
     )
-    evaluation.add_argument("--soda", action=BoolFlag, default=False, help="also compute SODA_c")
-    evaluation.add_argument("--metrics_out", default=None, help="also write the metrics JSON here")
+    g["evaluation"].add_argument("--soda", action=BoolFlag, default=False, help="also compute SODA_c")
+    g["metrics"].add_argument("--metrics_out", default=None, help="also write the metrics JSON here")
 
-    logging_ = parser.add_argument_group("logging")
-    logging_.add_argument("--log_dir", default="./log/", help="runs go to <log_dir>/<procedure>/<exp_name>/")
-    logging_.add_argument("--exp_name", default=None, help="run name; defaults to a timestamp")
-    logging_.add_argument("--progress", action=BoolFlag, default=True, help="tqdm bars (only on a TTY)")
-    logging_.add_argument(
-        "--runs",
-        nargs="+",
-        default=None,
-        metavar="DIR",
-        help="plot: run folders whose learning curves to draw",
-    )
-    logging_.add_argument(
+    g["run"].add_argument("--log_dir", default="./log/", help="runs go to <log_dir>/<procedure>/<exp_name>/")
+    g["run"].add_argument("--exp_name", default=None, help="run name; defaults to a timestamp")
+    g["run"].add_argument("--progress", action=BoolFlag, default=True, help="tqdm bars (only on a TTY)")
+    g["watching"].add_argument(
         "--log_every",
         type=non_negative_int,
         default=50,
-        help="training: TensorBoard scalars train/<name> (loss, grad norm, lr, steps/s, the loop's statistics) "
-        "averaged over every this many optimiser steps; 0: off (docs/watching-runs.md)",
+        help="TensorBoard scalars train/<name> (loss, grad norm, lr, steps/s, the loop's statistics) averaged over "
+        "every this many optimiser steps; 0: off (docs/watching-runs.md)",
+    )
+    g["plot"].add_argument(
+        "--runs", nargs="+", default=None, metavar="DIR", help="run folders whose learning curves to draw"
     )
     return parser
 
 
-def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
+def add_ranking_flags(g: dict[str, argparse._ArgumentGroup]) -> None:
     """LR2PPO's stages (pointwise, reward, ppo), their checkpoints and model sizes; the original's flag names."""
-    ranking.add_argument(
+    g["ranking_data"].add_argument(
         "--train_path", default=None, help="training clip list (JSON; the pair file for reward)"
     )
-    ranking.add_argument("--dev_path", default=None, help="validation clip list: selects the checkpoint")
-    ranking.add_argument(
+    g["ranking_data"].add_argument(
+        "--dev_path", default=None, help="validation clip list: selects the checkpoint"
+    )
+    g["ranking_data"].add_argument(
         "--test_path", default=None, help="test clip list: reported for the selected checkpoint"
     )
-    ranking.add_argument(
+    g["ranking_data"].add_argument(
         "--features_h5", default=None, help="feature HDF5 (clean_feat.h5): text_emb, img_emb"
     )
-    ranking.add_argument(
+    g["ranking_checkpoint"].add_argument(
         "--pretrained_model_path",
         default=None,
         help="pointwise: optional scorer to start from; reward: optional scorer whose trunk starts the reward "
         "model; ppo: the actor (stage-1 checkpoint); eval/export: the checkpoint (ours or a released .bin)",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--reward_model_path", default=None, help="ppo: the reward model and critic (stage-2 checkpoint)"
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--learning_rate", type=positive_float, default=2e-5, help="AdamW peak lr (actor in ppo)"
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--critic_learning_rate",
         type=positive_float,
         default=1e-5,
         help="ppo: critic AdamW peak lr (the original's nominal 1e-3 was effectively <= 1.2e-5, docs/differences.md)",
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--ranking_weight_decay",
         type=non_negative_float,
         default=0.01,
         help="AdamW weight decay (0 for biases and norms)",
     )
-    ranking.add_argument(
+    g["ranking_batches"].add_argument(
         "--batch_size", type=positive_int, default=32, help="clips (pointwise), pairs (reward, ppo)"
     )
-    ranking.add_argument("--epochs_num", type=positive_int, default=3, help="passes over the training list")
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
+        "--epochs_num", type=positive_int, default=3, help="passes over the training list"
+    )
+    g["ranking_training"].add_argument(
         "--report_steps",
         type=positive_int,
         default=100,
         help="pointwise/reward: validate every this many steps",
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--warmup",
         type=probability,
         default=0.1,
         help="fraction of the optimiser steps with linear lr warm-up",
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--max_tags",
         type=positive_int,
         default=32,
         help="pointwise: labels per training clip (cut or cycled); ppo: random label pairs per clip per epoch",
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--frame_order",
         default="random",
         choices=["random", "stored"],
         help="training frame order (evaluation always uses the stored order): random = the original's shuffle",
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--margin", type=non_negative_float, default=1.0, help="reward: margin of the ranking hinge loss"
     )
-    ranking.add_argument(
+    g["ranking_training"].add_argument(
         "--reward_val_triplets",
         type=positive_int,
         default=100,
         help="reward: comparisons drawn per dev/test clip (one label of each level)",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--ppo_objective",
         default="lr2ppo",
         choices=["lr2ppo", "clip"],
         help="lr2ppo: the paper's |advantage|-weighted pairwise hinge (bugs fixed); clip: ratio-clipped PPO "
         "over a Plackett-Luce ranking policy",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--update_timesteps", type=positive_int, default=200, help="ppo: rollout batches collected per update"
     )
-    ranking.add_argument("--ppo_epochs", type=positive_int, default=1, help="ppo: passes over each rollout")
-    ranking.add_argument(
+    g["PPO"].add_argument("--ppo_epochs", type=positive_int, default=1, help="ppo: passes over each rollout")
+    g["PPO"].add_argument(
         "--minibatch_size",
         type=positive_int,
         default=None,
         help="ppo: pairs per update minibatch (None: --batch_size)",
     )
-    ranking.add_argument("--eps_clip", type=positive_float, default=0.2, help="ppo clip: ratio clip range")
-    ranking.add_argument(
+    g["PPO"].add_argument("--eps_clip", type=positive_float, default=0.2, help="ppo clip: ratio clip range")
+    g["PPO"].add_argument(
         "--kl_div_loss_weight",
         type=non_negative_float,
         default=0.001,
         help="ppo: KL weight (lr2ppo: to the rollout policy, also taken off the reward; clip: to the initial "
         "policy)",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--entropy_weight", type=non_negative_float, default=0.001, help="ppo: entropy bonus weight"
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--value_clip",
         type=positive_float,
         default=0.5,
         help="ppo: the critic's value moves at most this per rollout",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--pl_temperature",
         type=positive_float,
         default=1.0,
         help="ppo clip: Plackett-Luce temperature on the scores",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--advantage_threshold",
         type=finite_float,
         default=-0.1,
         help="ppo lr2ppo: keep the actor's order when the advantage is at least this, else swap it",
     )
-    ranking.add_argument(
+    g["PPO"].add_argument(
         "--rank_margin",
         type=non_negative_float,
         default=0.01,
         help="ppo lr2ppo: margin of the pairwise score hinge",
     )
-    ranking.add_argument(
+    g["ranking_evaluation"].add_argument(
         "--cases_out", default=None, help="eval: write per-clip scores, NDCG and predicted order here"
     )
-    ranking.add_argument("--export_path", default=None, help="export_ranking: the file to write")
-    ranking.add_argument(
+    g["export"].add_argument("--export_path", default=None, help="export_ranking: the file to write")
+    g["export"].add_argument(
         "--export_format",
         default="released",
         choices=["released", "ours"],
         help="export_ranking: released = the original's plain .bin state dict; ours = our checkpoint (with the "
         "model sizes), e.g. from a released .bin",
     )
-    ranking.add_argument("--seq_length", type=positive_int, default=196, help="text tokens per label")
-    ranking.add_argument("--max_imgs", type=positive_int, default=16, help="frame slots per clip")
-    ranking.add_argument(
+    g["ranking_model"].add_argument(
+        "--seq_length", type=positive_int, default=196, help="text tokens per label"
+    )
+    g["ranking_model"].add_argument("--max_imgs", type=positive_int, default=16, help="frame slots per clip")
+    g["ranking_model"].add_argument(
         "--visual_feat_dim", type=positive_int, default=768, help="frame feature / model width"
     )
-    ranking.add_argument("--text_feat_dim", type=positive_int, default=768, help="text token feature width")
-    ranking.add_argument(
+    g["ranking_model"].add_argument(
+        "--text_feat_dim", type=positive_int, default=768, help="text token feature width"
+    )
+    g["ranking_model"].add_argument(
         "--feedforward_size", type=positive_int, default=3072, help="hidden width of every MLP"
     )
-    ranking.add_argument(
+    g["ranking_model"].add_argument(
         "--xit_heads", type=positive_int, default=8, help="attention heads of the XiT blocks"
     )
-    ranking.add_argument("--xit_dropout", type=below_one, default=0.1, help="dropout in the XiT blocks")
-    ranking.add_argument(
+    g["ranking_model"].add_argument(
+        "--xit_dropout", type=below_one, default=0.1, help="dropout in the XiT blocks"
+    )
+    g["ranking_model"].add_argument(
         "--compat_xit_attention",
         action=BoolFlag,
         default=False,
         help="the original's attention (no logit scaling, probabilities divided by sqrt(dim)) for a model built "
         "from the flags; a released file runs with it unless --no-compat_xit_attention, ours with its saved mode",
     )
-    ranking.add_argument(
+    g["ranking_model"].add_argument(
         "--scorer_head",
         default="flattened",
         choices=["flattened", "pooled"],
@@ -658,44 +729,44 @@ def add_ranking_flags(ranking: argparse._ArgumentGroup) -> None:
     )
 
 
-def add_letor_flags(letor: argparse._ArgumentGroup) -> None:
+def add_letor_flags(g: dict[str, argparse._ArgumentGroup]) -> None:
     """The domains' data of LR2PPO's LETOR experiment; its stages take the ranking flags besides."""
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--source_dir",
         default=None,
         help="source dataset (MSLR-WEB10K): the folder holding Fold1/ ... Fold5/",
     )
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--target_dir", default=None, help="target dataset (MQ2008): the folder holding Fold1/ ..."
     )
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--fold", default="Fold1", help="the fold the three stages train, select and report on"
     )
-    letor.add_argument("--align_fold", default="Fold2", help="the fold the alignment model trains on")
-    letor.add_argument(
+    g["LETOR"].add_argument("--align_fold", default="Fold2", help="the fold the alignment model trains on")
+    g["LETOR"].add_argument(
         "--limit_rows", type=positive_int, default=None, help="read only the first N rows of each train.txt"
     )
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--letor_cache_dir",
         default="./.cache/letor",
         help="packed HDF5 of every split read (reused while "
         "the text file keeps its size and modification time)",
     )
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--source_feat_dim",
         type=positive_int,
         default=136,
         help="letor_align: source rows' width (WEB10K 136)",
     )
-    letor.add_argument(
+    g["LETOR"].add_argument(
         "--target_feat_dim", type=positive_int, default=46, help="letor_align: target rows' width (MQ2008 46)"
     )
-    letor.add_argument(
+    g["alignment"].add_argument(
         "--alignment_model_path",
         default=None,
         help="the alignment model (ours or the original's .bin) whose input MLPs project every row",
     )
-    letor.add_argument(
+    g["LETOR_test"].add_argument(
         "--target_test_path", default=None, help="eval --task letor: raw target rows (svmlight)"
     )
 
@@ -719,10 +790,85 @@ def check_combinations(parser: argparse.ArgumentParser, cfg: Config) -> None:
             )
 
 
+def named_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    return {str(group.title): group for group in parser._action_groups}
+
+
+def flags_of(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> list[argparse.Action]:
+    """The flags of the named groups, in their order."""
+    by_title = named_groups(parser)
+    return [action for name in groups for action in by_title[name]._group_actions]
+
+
+def procedure_help(parser: argparse.ArgumentParser, name: str, task: str | None) -> str:
+    """`--procedure NAME --help`: a usage line, the procedure's summary, and only the groups it reads."""
+    groups = help_groups(name, task)
+    formatter = parser._get_formatter()
+    variant = f" --task {task}" if (name, task) in TASK_PROCEDURES else ""
+    formatter.add_usage(f"{parser.prog} --procedure {name}{variant} [flags]", [], [], prefix="usage: ")
+    formatter.add_text(TASK_PROCEDURES.get((name, task), PROCEDURES[name]).summary)
+    by_title = named_groups(parser)
+    for title in groups:
+        group = by_title[title]
+        formatter.start_section(title)
+        formatter.add_text(group.description)
+        formatter.add_arguments(group._group_actions)
+        formatter.end_section()
+    return formatter.format_help()
+
+
+def overview_help(parser: argparse.ArgumentParser) -> str:
+    """`--help` without a procedure: the procedures, one line each, and how to see one's flags."""
+    width = max(map(len, PROCEDURES)) + 2
+    lines = [f"usage: {parser.prog} --procedure NAME [flags]", "", str(parser.description), "", "procedures:"]
+    lines += [f"  {name:<{width}}{spec.summary}" for name, spec in sorted(PROCEDURES.items())]
+    tasks = {task: [n for n, t in TASK_PROCEDURES if t == task] for _, task in TASK_PROCEDURES}
+    variants = "; ".join(f"--task {task} for {', '.join(names)}" for task, names in tasks.items())
+    lines += [
+        "",
+        f"python {parser.prog} --procedure NAME --help lists the flags NAME reads; add --task for a variant",
+        f"({variants}).",
+        "Booleans take --flag, --no-flag or --flag true|false; --config takes a run folder or its config.json.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def print_help(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Help for the procedure (and --task) named in argv, or the overview."""
+    scout = OneLineErrorParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    scout.add_argument("--procedure", choices=sorted(PROCEDURES))
+    scout.add_argument("--task")
+    named, _ = scout.parse_known_args(argv)
+    if named.procedure is None:
+        print(overview_help(parser), end="")
+    else:
+        print(procedure_help(parser, named.procedure, named.task), end="")
+
+
+def warn_unread(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """One line naming the flags given on the command line that the procedure does not read: accepted (a
+    config file carries every setting, and a script may pass a superset), but a likely slip."""
+    read = {
+        action.dest for action in flags_of(parser, help_groups(cfg.procedure, getattr(cfg, "task", None)))
+    }
+    unread = sorted(cfg.given - read)
+    if unread and is_rank0():  # under torchrun, once
+        print(
+            f"{parser.prog}: warning: --procedure {cfg.procedure} does not read "
+            f"{', '.join('--' + flag for flag in unread)} (ignored; see --procedure {cfg.procedure} --help)",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    cfg = config_from_argv(parser, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print_help(parser, argv)
+        return 0
+    cfg = config_from_argv(parser, argv)
     check_combinations(parser, cfg)
+    warn_unread(parser, cfg)
     try:
         return run_procedure(cfg)
     except (InputError, ToolError, TrainingError) as e:

@@ -62,7 +62,8 @@ def data_summary(cfg: Config, run: RunDir) -> None:
 
 
 def pack_features(cfg: Config, run: RunDir) -> None:
-    """`--features_dir DIR --modality {video,audio} --out FILE.h5`: pack, verify, record what was packed."""
+    """`--features_dir DIR --modality {video,audio} --out FILE.h5`: pack, verify, record what was packed. An
+    existing `--out` is replaced only with `--overwrite` (packing a real split takes minutes)."""
     if not cfg.features_dir or not cfg.out:
         raise InputError("pack_features needs --features_dir DIR and --out FILE.h5")
     if cfg.modality not in ("video", "audio"):
@@ -74,9 +75,12 @@ def pack_features(cfg: Config, run: RunDir) -> None:
         raise InputError(f"--out {out}: name the packed file with one of {', '.join(H5_SUFFIXES)}")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists() and not cfg.overwrite:
+        raise InputError(f"--out {out} already exists (give --overwrite to replace it)")
     dim = cfg.d_vid if cfg.modality == "video" else cfg.d_aud
     n_videos = pack_directory(cfg.features_dir, cfg.modality, cfg.out, dim)
     run.write_json(
         "pack_features.json",
         {"features_dir": cfg.features_dir, "modality": cfg.modality, "out": cfg.out, "videos": n_videos},
     )
+    print(f"packed {n_videos} videos into {out}")

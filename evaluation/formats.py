@@ -55,8 +55,11 @@ def parse_predictions(results: Mapping[str, Any], source: str = "predictions") -
             where = f"{source}: video {vid!r}, prediction {i}"
             if not isinstance(prediction, Mapping):
                 raise InputError(f"{where}: expected an object with 'sentence' and 'timestamp'")
-            start, end = _timestamp(prediction.get("timestamp"), where)
-            sentence = prediction.get("sentence")
+            missing = [key for key in ("sentence", "timestamp") if key not in prediction]
+            if missing:
+                raise InputError(f"{where}: the key {missing[0]!r} is missing")
+            start, end = _timestamp(prediction["timestamp"], where)
+            sentence = prediction["sentence"]
             if not isinstance(sentence, str):
                 raise InputError(f"{where}: 'sentence' must be a string, got {type(sentence).__name__}")
             segments.append(TimedSentence(start, end, sentence))
@@ -65,7 +68,13 @@ def parse_predictions(results: Mapping[str, Any], source: str = "predictions") -
 
 
 def load_reference(path: str | Path) -> Videos:
-    """A reference file `{vid: {"timestamps": [[s, e], ...], "sentences": [...]}}` (extra keys are ignored)."""
+    """A reference file `{vid: {"timestamps": [[s, e], ...], "sentences": [...]}}` (extra keys are ignored).
+    Every procedure that scores captions or proposals takes them from `--reference_paths`, so a missing one
+    names that flag."""
+    if not Path(path).is_file():
+        raise InputError(
+            f"--reference_paths {path}: file not found (the val_1/val_2 reference JSONs: download_data.sh)"
+        )
     data = read_json(path)
     return parse_reference(data, str(path))
 

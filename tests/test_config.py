@@ -52,6 +52,40 @@ def test_booleans_are_real_booleans(flag):
     assert parse("--procedure", "eval").soda is False
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--rl_train_worker", "False"], False),
+        (["--rl_train_worker", "True"], True),
+        (["--rl_stabilize", "true"], True),
+        (["--rl_stabilize", "FALSE"], False),
+        (["--rl_stabilize=True"], True),
+    ],
+)
+def test_booleans_accept_the_originals_true_false_values(argv, expected):
+    """BMHRL's README passes `--rl_train_worker True` (a `type=bool` flag there, where `False` was True)."""
+    flag = argv[0].split("=")[0][2:]
+    cfg = parse("--procedure", "train_rl_cap", *argv, "--B", "4")
+    assert getattr(cfg, flag) is expected and cfg.B == 4
+
+
+def test_config_takes_a_run_folder(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"procedure": "eval", "max_prop_per_vid": 7}))
+    assert parse("--config", str(tmp_path / "run")).max_prop_per_vid == 7
+    with pytest.raises(SystemExit):
+        parse("--config", str(tmp_path))
+    err = capsys.readouterr().err
+    assert f"--config {tmp_path}: a folder without config.json" in err and err.count("\n") == 1
+
+
+def test_a_mistyped_procedure_in_a_config_file_names_the_nearest(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"procedure": "train_rl_cpa"}))
+    with pytest.raises(SystemExit):
+        parse("--config", str(tmp_path / "c.json"))
+    assert "procedure 'train_rl_cpa': did you mean train_rl_cap? expected one of " in capsys.readouterr().err
+
+
 def run_main(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -63,8 +97,10 @@ def test_help_lists_the_procedures():
     assert result.returncode == 0
     for name in ("eval", "data_summary", "pack_features", "demo"):
         assert name in result.stdout
-    for group in ("data:", "model:", "training:", "evaluation:", "logging:"):
-        assert group in result.stdout
+    per_procedure = run_main("--procedure", "eval", "--help")
+    assert per_procedure.returncode == 0
+    for group in ("run:", "evaluation:", "metrics:"):
+        assert f"\n{group}\n" in per_procedure.stdout
 
 
 def test_help_shows_the_default_of_every_flag():
@@ -72,7 +108,8 @@ def test_help_shows_the_default_of_every_flag():
     flags = [a for a in parser._actions if a.option_strings and a.default is not argparse.SUPPRESS]
     assert not [a.dest for a in flags if not a.help], "argparse prints no default for a flag without help"
     assert parser.format_help().count("(default:") == len(flags)
-    assert "--soda, --no-soda, --no_soda" in parser.format_help()  # BoolFlag shows both forms and its default
+    # BoolFlag shows every form and its default
+    assert "--soda [true|false], --no-soda, --no_soda" in parser.format_help()
 
 
 @pytest.mark.parametrize(
@@ -80,7 +117,21 @@ def test_help_shows_the_default_of_every_flag():
     [
         (["--procedure", "nonsense"], "invalid choice: 'nonsense'"),
         (["--procedure", "eval", "--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
-        (["--procedure", "eval", "--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+        (["--procedure", "eval", "--bogus_flag"], "unrecognized argument --bogus_flag (see --help)"),
+        (
+            ["--procedure", "eval", "--submisson", "p.json"],
+            "unrecognized argument --submisson (did you mean --submission?)",
+        ),
+        (
+            ["--procedure", "trian_rl_cap"],
+            "invalid choice: 'trian_rl_cap' (did you mean train_rl_cap? choose",
+        ),
+        (
+            ["--procedure", "eval", "--task", "rankng"],
+            "invalid choice: 'rankng' (did you mean ranking? choose",
+        ),
+        (["--procedure", "eval", "--soda", "maybe"], "argument --soda: expected true or false (or no value)"),
+        (["--procedure", "eval", "--no-soda", "False"], "argument --no-soda: takes no value, got False"),
         ([], "the following arguments are required: --procedure"),
     ],
 )

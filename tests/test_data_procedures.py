@@ -67,3 +67,22 @@ def test_pack_features_procedure(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "log" / "pack_features").iterdir()) == ["a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio.h5", "log", "vggish"]
+
+
+def test_pack_features_keeps_an_existing_out_unless_overwrite(tmp_path, capsys):
+    folder = tmp_path / "vggish"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"v_{i}.npy", np.full((3, 128), i, dtype=np.float32))
+    out = tmp_path / "audio.h5"
+    out.write_bytes(b"an earlier pack")
+    base = ["--procedure", "pack_features", "--log_dir", str(tmp_path / "log"), "--features_dir", str(folder)]
+    base += ["--modality", "audio", "--out", str(out)]
+    assert main([*base, "--exp_name", "a"]) == 2
+    assert capsys.readouterr().err == (
+        f"main.py: error: --out {out} already exists (give --overwrite to replace it)\n"
+    )
+    assert out.read_bytes() == b"an earlier pack"
+    assert main([*base, "--exp_name", "b", "--overwrite"]) == 0
+    assert f"packed 2 videos into {out}" in capsys.readouterr().out
+    np.testing.assert_array_equal(open_feature_store(out, "audio", 128).rows("v_1"), np.ones((3, 128)))

@@ -171,11 +171,18 @@ def test_soda_c_hand_case():
             {"v1": [{"sentence": 3, "timestamp": [0, 1]}]},
             "video 'v1', prediction 0: 'sentence' must be a string",
         ),
+        ({"v1": [{"timestamp": [0, 1]}]}, "video 'v1', prediction 0: the key 'sentence' is missing"),
+        ({"v1": [{"sentence": "a"}]}, "video 'v1', prediction 0: the key 'timestamp' is missing"),
     ],
 )
 def test_bad_predictions_name_video_and_index(results, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse_predictions(results, "sub.json")
+
+
+def test_a_missing_reference_file_names_the_flag(tmp_path):
+    with pytest.raises(InputError, match=f"^--reference_paths {tmp_path / 'val_1.json'}: file not found"):
+        DenseCaptioningEvaluator([tmp_path / "val_1.json"], detection_only=True)
 
 
 def test_bad_submission_files(tmp_path):

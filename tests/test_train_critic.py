@@ -104,6 +104,23 @@ def test_exact_cli_writes_the_original_critic_layout(csvs, tmp_path, capsys):
     assert "F1" in capsys.readouterr().out
 
 
+def test_a_critic_below_the_all_boundary_baseline_is_saved_with_a_warning(csvs, tmp_path, caplog):
+    """At threshold 1 no sigmoid exceeds it: no token is called a boundary, F1 0, below marking every token."""
+    argv = argv_for(*csvs, tmp_path, *SMALL, "--epoch_num", "1", "--rl_critic_score_threshhold", "1")
+    assert main([*argv, "--exp_name", "low"]) == 0
+    run = tmp_path / "log" / "train_critic" / "low"
+    metrics = json.loads((run / "metrics.json").read_text())
+    baseline = metrics["baselines"]["all_boundary"]["f1"]
+    assert metrics["best"]["f1"] == 0.0 and baseline > 0
+    assert (run / "checkpoints" / "critic.cp").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"the saved critic's held-out F1 0.000 is below the all-boundary baseline's {baseline:.3f} (a boundary at "
+        "every token): it segments worse than no critic at all; train longer, check the labels or "
+        "--critic_pos_weight before using it"
+    ]
+
+
 def test_dry_run_counts_the_paper_size_critic(csvs, tmp_path, capsys):
     assert main(argv_for(*csvs, tmp_path, "--dry_run")) == 0
     assert "trainable parameters: 15147005" in capsys.readouterr().out  # the original's frozen critic

@@ -1,6 +1,6 @@
 """The run configuration: parsed flags as one object, saved as `config.json` in every run directory.
 
-`--config run_dir/config.json` reloads a saved run's settings as its user gave them (`--device auto` stays
+`--config run_dir/config.json` (or the run folder itself) reloads a saved run's settings as its user gave them (`--device auto` stays
 'auto'); flags given explicitly on the command line win over it. What names one run rather than describing it
 (`--exp_name`, `--resume`, `--config`) is never taken from the file: the reloaded run gets its own directory.
 """
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,21 +24,46 @@ log = logging.getLogger(__name__)
 NOT_RELOADED = ("exp_name", "resume", "config")
 
 
+TRUE_FALSE = {"true": True, "false": False}
+
+
 class BoolFlag(argparse.Action):
-    """A real boolean: `--x` sets True, `--no-x` (or `--no_x`) sets False. Never `type=bool`."""
+    """A real boolean: `--x` sets True, `--no-x` (or `--no_x`) sets False. Never `type=bool`. The original
+    systems' `--x True` / `--x False` (their `type=bool` flags, e.g. BMHRL's `--rl_train_worker True`) is
+    accepted too, in any letter case; any other value is refused."""
 
     def __init__(self, option_strings: list[str], dest: str, default: bool = False, help: str | None = None):
         names = list(option_strings)
         for name in option_strings:
             if name.startswith("--"):
                 names += [f"--no-{name[2:]}", f"--no_{name[2:]}"]
-        super().__init__(names, dest, nargs=0, default=default, help=help)
+        super().__init__(names, dest, nargs="?", default=default, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, not option_string.startswith("--no"))
+        negated = option_string.startswith("--no")
+        if values is None:
+            setattr(namespace, self.dest, not negated)
+            return
+        if negated:
+            raise argparse.ArgumentError(None, f"argument {option_string}: takes no value, got {values}")
+        if values.lower() not in TRUE_FALSE:
+            raise argparse.ArgumentError(
+                None, f"argument {option_string}: expected true or false (or no value), got {values}"
+            )
+        setattr(namespace, self.dest, TRUE_FALSE[values.lower()])
 
     def format_usage(self) -> str:
         return " | ".join(self.option_strings[:2])
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with every default shown; a BoolFlag reads `--x [true|false], --no-x, --no_x`."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            first, *negations = action.option_strings
+            return ", ".join([f"{first} [true|false]", *negations])
+        return super()._format_action_invocation(action)
 
 
 def ranged(
@@ -71,11 +97,38 @@ open_unit = ranged(float, "a number in (0, 1)", lambda v: 0 < v < 1)  # a multip
 tiou = ranged(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to a mistyped `word` (difflib's ratio at least 0.6), or None."""
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad flag or value is reported on one line (no usage dump, no traceback)."""
+    """A bad flag or value is reported on one line (no usage dump, no traceback); a mistyped flag name or
+    choice names the nearest one."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [extra for extra in extras if extra.startswith("-")]
+            first = (flags or extras)[0]
+            name = first.split("=", 1)[0]
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            match = nearest(name, known) if flags else None
+            self.error(f"unrecognized argument {name}" + (f" (did you mean {match}?)" if match else ""))
+        return namespace
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            match = nearest(str(value), choices)
+            hint = f"did you mean {match}? " if match else ""
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r} ({hint}choose from {', '.join(choices)})"
+            )
 
 
 class Config:
@@ -142,7 +195,7 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
         return Config(given=frozenset(_explicit_flags(parser, argv)), **settings)
     explicit = _explicit_flags(parser, argv)
     try:
-        saved = Config.load(explicit["config"]).to_dict()
+        saved = Config.load(config_file(explicit["config"])).to_dict()
     except InputError as e:
         parser.error(str(e))
     known = {a.dest for a in parser._actions}
@@ -164,6 +217,17 @@ def config_from_argv(parser: argparse.ArgumentParser, argv: list[str]) -> Config
     return Config(given=frozenset(explicit), **settings)
 
 
+def config_file(path: str) -> Path:
+    """`--config` takes the settings file itself or a run folder, whose `config.json` it then reads."""
+    if not Path(path).is_dir():
+        return Path(path)
+    if not (Path(path) / "config.json").is_file():
+        raise InputError(
+            f"--config {path}: a folder without config.json (give a run folder or a config file)"
+        )
+    return Path(path) / "config.json"
+
+
 def _check_ranges(parser: argparse.ArgumentParser, settings: dict[str, Any], source: str) -> None:
     """Hold a config file's values to the ranges and choices of the flags they stand for."""
     for action in parser._actions:
@@ -177,8 +241,10 @@ def _check_ranges(parser: argparse.ArgumentParser, settings: dict[str, Any], sou
             except (argparse.ArgumentTypeError, ValueError) as e:
                 parser.error(f"{source}: {action.dest} {item!r}: {e}")
             if action.choices is not None and item not in action.choices:
+                match = nearest(str(item), map(str, action.choices))
+                hint = f"did you mean {match}? " if match else ""
                 parser.error(
-                    f"{source}: {action.dest} {item!r}: expected one of {', '.join(map(str, action.choices))}"
+                    f"{source}: {action.dest} {item!r}: {hint}expected one of {', '.join(map(str, action.choices))}"
                 )
 
 

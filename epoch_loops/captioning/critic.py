@@ -17,6 +17,7 @@ threshold `--rl_critic_score_threshhold`; the best epoch on held-out F1 is what 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from utilities.log import progress
 from utilities.run_dir import RunDir
 from utilities.seeding import Stream, data_generator, stream_seed
 
+log = logging.getLogger(__name__)
 CRITIC_FILE = "critic.cp"  # the best epoch, original layout
 LAST_FILE = "train_critic_last.pt"  # the full training state after the last epoch, for --resume
 
@@ -292,6 +294,14 @@ def train_critic(cfg: Config, run: RunDir) -> None:
             f"F1 {best['f1']:.3f} (held-out boundaries)",
             run.path / "checkpoints" / CRITIC_FILE,
         )
+        if best["f1"] < baseline:
+            log.warning(
+                "the saved critic's held-out F1 %.3f is below the all-boundary baseline's %.3f (a boundary at every "
+                "token): it segments worse than no critic at all; train longer, check the labels or "
+                "--critic_pos_weight before using it",
+                best["f1"],
+                baseline,
+            )
 
 
 def report_epoch(run: RunDir, cfg: Config, record: dict, improved: bool) -> None:
