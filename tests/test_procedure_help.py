@@ -37,6 +37,7 @@ UNREAD_ON_A_REAL_RUN = {
     ("pointwise", None): {"margin", "reward_val_triplets", "cases_out"},  # reward's, eval's
     ("reward", None): {"max_tags", "ndcg_empty_ideal", "cases_out"},  # pointwise's and ppo's, eval's
     ("data_summary", "letor"): {"align_fold"},
+    ("plot", None): set(),
 }
 
 
@@ -118,6 +119,11 @@ def cheapest_run(
             "--export_format",
             "ours",
         ]
+    if name == "plot":  # a run folder whose metrics hold one learning curve
+        (tmp_path / "run").mkdir()
+        history = [{"step": s, "lr": 0.1, "train": {"loss": 1.0 / s}, "dev": {"NDCG@all": 0.5}} for s in (1, 2)]
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps({"history": history}))
+        argv += ["--runs", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")]
     if task is not None:
         argv += ["--task", task]
     return ["--procedure", name, "--log_dir", str(tmp_path / "log"), "--device", "cpu", *argv]
