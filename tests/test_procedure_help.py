@@ -121,7 +121,9 @@ def cheapest_run(
         ]
     if name == "plot":  # a run folder whose metrics hold one learning curve
         (tmp_path / "run").mkdir()
-        history = [{"step": s, "lr": 0.1, "train": {"loss": 1.0 / s}, "dev": {"NDCG@all": 0.5}} for s in (1, 2)]
+        history = [
+            {"step": s, "lr": 0.1, "train": {"loss": 1.0 / s}, "dev": {"NDCG@all": 0.5}} for s in (1, 2)
+        ]
         (tmp_path / "run" / "metrics.json").write_text(json.dumps({"history": history}))
         argv += ["--runs", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")]
     if task is not None:
