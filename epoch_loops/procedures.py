@@ -41,7 +41,7 @@ PROCEDURES: dict[str, Procedure] = {
     "eval": Procedure("epoch_loops.evaluate:evaluate", uses_torch=False),
     "data_summary": Procedure("epoch_loops.data:data_summary"),
     "pack_features": Procedure("epoch_loops.data:pack_features"),
-    "train_critic": Procedure("epoch_loops.captioning.critic:train_critic", trains=True),
+    "train_critic": Procedure("epoch_loops.captioning.critic:train_critic", trains=True, distributed=True),
     "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True, distributed=True),
     "train_prop": Procedure("epoch_loops.captioning.proposals:train_prop", trains=True),
     "predict": Procedure("epoch_loops.captioning.predict:predict"),

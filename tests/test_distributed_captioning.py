@@ -1,0 +1,79 @@
+"""torchrun (gloo, CPU) for the captioning procedures besides `train_rl_cap` (tests/test_distributed.py): the
+segment critic trains the weights of one process on 2, scores each held-out caption once, writes on rank 0 only,
+and a 2-process run resumed on 1 process ends with the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.test_distributed import ENV, TORCHRUN
+from tests.test_train_critic import CAPTIONS, SMALL, argv_for, write_csv
+
+CRITIC_B = [
+    "--B",
+    "2",
+    "--inf_B_coeff",
+    "1",
+]  # 7 training captions: the last global batch has 1 (a stand-in on rank 1)
+
+
+def launch(launcher: list[str], argv: list[str]) -> None:
+    done = subprocess.run([*launcher, str(REPO / "main.py"), *argv], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def critic_argv(tmp_path: Path, exp: str, *extra: str) -> list[str]:
+    train = write_csv(tmp_path / "train.csv", CAPTIONS[:7])
+    heldout = write_csv(tmp_path / "heldout.csv", CAPTIONS[:3])  # 3 captions over 2 ranks: an uneven split
+    return argv_for(train, heldout, tmp_path, *SMALL, *CRITIC_B, "--exp_name", exp, "--no-progress", *extra)
+
+
+def critic_run(tmp_path: Path, exp: str) -> tuple[dict, dict]:
+    run = tmp_path / "log" / "train_critic" / exp
+    state = torch.load(run / "checkpoints" / "train_critic_last.pt", weights_only=False)
+    return state["model"], json.loads((run / "metrics.json").read_text())
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_train_critic_on_two_processes_trains_the_weights_of_one(tmp_path):
+    launch([sys.executable], critic_argv(tmp_path, "one", "--epoch_num", "2"))
+    launch(TORCHRUN, critic_argv(tmp_path, "two", "--epoch_num", "2"))
+    (wa, ma), (wb, mb) = critic_run(tmp_path, "one"), critic_run(tmp_path, "two")
+    assert max_difference(wa, wb) <= 1e-5
+    for ra, rb in zip(ma["epochs"], mb["epochs"], strict=True):
+        for key in ("precision", "recall", "f1", "heldout_scored"):
+            assert ra[key] == rb[key], key
+        for key in ("train_loss", "heldout_loss"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5), key
+    # Each held-out caption is scored once (a DistributedSampler would pad the 3 to 4).
+    heldout_tokens = ma["heldout_tokens"]
+    assert all(r["heldout_scored"] == {"captions": 3, "tokens": heldout_tokens} for r in mb["epochs"])
+    runs = tmp_path / "log" / "train_critic"
+    assert sorted(p.name for p in (tmp_path / "log").iterdir()) == ["train_critic"]
+    files = [
+        sorted(str(p.relative_to(runs / r)) for p in (runs / r).rglob("*") if "events" not in p.name)
+        for r in ("one", "two")
+    ]
+    assert files[0] == files[1]
+
+
+@pytest.mark.slow
+def test_a_two_process_critic_run_resumed_on_one_process_ends_with_the_uninterrupted_weights(tmp_path):
+    launch(TORCHRUN, critic_argv(tmp_path, "full", "--epoch_num", "2"))
+    launch(TORCHRUN, critic_argv(tmp_path, "stopped", "--epoch_num", "1"))
+    last = tmp_path / "log" / "train_critic" / "stopped" / "checkpoints" / "train_critic_last.pt"
+    launch([sys.executable], critic_argv(tmp_path, "stopped", "--epoch_num", "2", "--resume", str(last)))
+    (wa, ma), (wb, mb) = critic_run(tmp_path, "full"), critic_run(tmp_path, "stopped")
+    assert max_difference(wa, wb) <= 1e-5
+    assert [r["f1"] for r in ma["epochs"]] == [r["f1"] for r in mb["epochs"]]
