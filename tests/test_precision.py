@@ -1,6 +1,6 @@
 """`--amp` and `--compile` in the one training machinery: a warm-start step and an RL step under bf16 autocast on
-the CPU have the losses of fp32 within 2 %, weights and gradients stay fp32, fp16 steps through its loss scaler, and the compiled
-forward trains the same agent."""
+the CPU have the losses of fp32 within 2 %, weights and gradients stay fp32, fp16 steps through its loss scaler
+(whose scale is saved and restored with the training state), and the compiled forward trains the same agent."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
 from epoch_loops.captioning import rl
 from epoch_loops.captioning import train as captioning
-from epoch_loops.training import precision
+from epoch_loops.training import checkpoint_state, precision, resume
 from main import build_parser
 from tests.test_captioning import D_AUD, D_VID, tiny_argv
 from tests.test_rl import WordCountReward
+from utilities.checkpoint import save_checkpoint
 from utilities.config import Config
 
 VOCAB = ["<unk>", "<blank>", "<s>", "</s>", "a", "man", "and", "dog", "ball"]
@@ -122,3 +123,20 @@ def test_bf16_rl_step_has_the_fp32_loss_within_2_percent(tmp_path):
     for key in ("loss_worker", "loss_worker_value"):
         assert b[key] != a[key]  # the forward ran in bf16 ...
         assert b[key] == pytest.approx(a[key], rel=0.02), key  # ... and the losses reduced in fp32
+
+
+def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
+    """The scaler's state goes into the training state and comes back on resume (a fresh scaler starts at 65536
+    and would re-learn the scale through skipped steps)."""
+    trainer = trainer_for(tmp_path, "--amp", "fp16")
+    warm_start_step(trainer)
+    trainer.optimisation.scaler.update(new_scale=1024.0)
+    state = checkpoint_state(trainer.optimisation, trainer.cfg, None, epoch=1, best_metric=None)
+    save_checkpoint(tmp_path / "state.pt", state)
+
+    resumed = trainer_for(tmp_path, "--amp", "fp16")
+    assert resumed.optimisation.scaler.get_scale() == 65536.0
+    resume(resumed.optimisation, tmp_path / "state.pt", None)
+    assert resumed.optimisation.scaler.get_scale() == 1024.0
+    assert resumed.optimisation.scaler.state_dict() == trainer.optimisation.scaler.state_dict()
+    resume(trainer_for(tmp_path).optimisation, tmp_path / "state.pt", None)  # resumed without fp16: ignored
