@@ -43,7 +43,7 @@ PROCEDURES: dict[str, Procedure] = {
     "pack_features": Procedure("epoch_loops.data:pack_features"),
     "train_critic": Procedure("epoch_loops.captioning.critic:train_critic", trains=True, distributed=True),
     "train_rl_cap": Procedure("epoch_loops.captioning.train:train_rl_cap", trains=True, distributed=True),
-    "train_prop": Procedure("epoch_loops.captioning.proposals:train_prop", trains=True),
+    "train_prop": Procedure("epoch_loops.captioning.proposals:train_prop", trains=True, distributed=True),
     "predict": Procedure("epoch_loops.captioning.predict:predict"),
     "pointwise": Procedure("epoch_loops.ranking.stages:pointwise", trains=True),
     "reward": Procedure("epoch_loops.ranking.stages:reward", trains=True),

@@ -1,6 +1,7 @@
 """torchrun (gloo, CPU) for the captioning procedures besides `train_rl_cap` (tests/test_distributed.py): the
-segment critic trains the weights of one process on 2, scores each held-out caption once, writes on rank 0 only,
-and a 2-process run resumed on 1 process ends with the uninterrupted run's weights."""
+segment critic and the proposal generator train the weights of one process on 2 with the same validation numbers,
+each held-out caption / val_1 video is scored once, only rank 0 writes, and a 2-process critic run resumed on 1
+process ends with the uninterrupted run's weights."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets.demo import ensure_demo_dataset
 from tests.conftest import REPO
+from tests.test_captioning import sample_checkpoint
 from tests.test_distributed import ENV, TORCHRUN
 from tests.test_train_critic import CAPTIONS, SMALL, argv_for, write_csv
+from tests.test_train_prop import SMALL_HEADS
 
 CRITIC_B = [
     "--B",
@@ -77,3 +81,34 @@ def test_a_two_process_critic_run_resumed_on_one_process_ends_with_the_uninterru
     (wa, ma), (wb, mb) = critic_run(tmp_path, "full"), critic_run(tmp_path, "stopped")
     assert max_difference(wa, wb) <= 1e-5
     assert [r["f1"] for r in ma["epochs"]] == [r["f1"] for r in mb["epochs"]]
+
+
+@pytest.mark.slow
+def test_train_prop_on_two_processes_trains_the_weights_of_one(tmp_path):
+    """--B 8 over 2 processes (4 videos each, padded as the global batch), dropout off; val_1's 7 videos are
+    split 3 + 4 and each is proposed for once."""
+    demo = ensure_demo_dataset(tmp_path / "demo", seed=0, n_train=24, n_val=7)
+    sample_checkpoint(tmp_path / "agent")
+    o = demo.config_overrides()
+    argv = [
+        "--procedure", "train_prop", "--rl_pretrained_model_dir", str(tmp_path / "agent"),
+        "--train_meta_path", o["train_meta_path"], "--val_1_meta_path", o["val_1_meta_path"],
+        "--video_features_path", o["video_features_path"], "--audio_features_path", o["audio_features_path"],
+        "--reference_paths", *o["reference_paths"], "--B", "8", "--prop_lr", "1e-3", "--device", "cpu",
+        "--log_dir", str(tmp_path / "log"), "--dout_p", "0", "--epoch_num", "2", "--no-progress", *SMALL_HEADS,
+    ]  # fmt: skip
+    launch([sys.executable], [*argv, "--exp_name", "one"])
+    launch(TORCHRUN, [*argv, "--exp_name", "two"])
+    runs = tmp_path / "log" / "train_prop"
+    a, b = (
+        torch.load(runs / r / "checkpoints" / "train_prop_last.pt", weights_only=False)
+        for r in ("one", "two")
+    )
+    assert max_difference(a["model"], b["model"]) <= 1e-5
+    ma, mb = (json.loads((runs / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert [e["val_1"] for e in ma["epochs"]] == [e["val_1"] for e in mb["epochs"]]
+    for ea, eb in zip(ma["epochs"], mb["epochs"], strict=True):
+        assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-5)
+    proposed = json.loads((runs / "two" / "prop_results_val_1_e2_maxprop100.json").read_text())["results"]
+    val_videos = {line.split("\t")[0] for line in Path(o["val_1_meta_path"]).read_text().splitlines()[1:]}
+    assert sorted(proposed) == sorted(val_videos)
