@@ -13,12 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets.captioning.activitynet import read_captions_csv
 from datasets.demo import ensure_demo_dataset
+from datasets.vocabulary import Vocabulary
+from epoch_loops.captioning import train as captioning
+from epoch_loops.captioning.proposals import build_generator
+from main import build_parser
+from model.captioning.bmhrl import SegmentCritic
 from tests.conftest import REPO
-from tests.test_captioning import sample_checkpoint
+from tests.test_captioning import sample_checkpoint, tiny_argv, write_tiny_dataset
 from tests.test_distributed import ENV, TORCHRUN
+from tests.test_precision import VOCAB
 from tests.test_train_critic import CAPTIONS, SMALL, argv_for, write_csv
 from tests.test_train_prop import SMALL_HEADS
+from utilities.config import Config, config_from_argv
 
 CRITIC_B = [
     "--B",
@@ -112,3 +120,28 @@ def test_train_prop_on_two_processes_trains_the_weights_of_one(tmp_path):
     proposed = json.loads((runs / "two" / "prop_results_val_1_e2_maxprop100.json").read_text())["results"]
     val_videos = {line.split("\t")[0] for line in Path(o["val_1_meta_path"]).read_text().splitlines()[1:]}
     assert sorted(proposed) == sorted(val_videos)
+
+
+def dropouts(*modules: torch.nn.Module) -> list[float]:
+    return [m.p for module in modules for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+def test_dout_p_0_switches_off_every_dropout_of_the_agent_and_the_proposal_generator(tmp_path):
+    """The 1-vs-N equivalence runs (and the demo's saved configs run with --dout_p 0) rely on this; the segment
+    critic has no dropout."""
+    data = write_tiny_dataset(tmp_path / "data")
+    for dout_p, expected in (("0.1", 0.1), ("0", 0.0)):
+        cfg = Config(**vars(build_parser().parse_args(tiny_argv(data, tmp_path, "d", "--dout_p", dout_p))))
+        agents = captioning.new_agents(cfg, Vocabulary(VOCAB))
+        found = dropouts(agents.agent, agents.worker_value, agents.manager_value)
+        assert found and set(found) == {expected}
+    sample_checkpoint(tmp_path / "agent")
+    demo = ensure_demo_dataset(tmp_path / "demo", seed=0, n_train=8, n_val=2)
+    argv = ["--procedure", "train_prop", "--rl_pretrained_model_dir", str(tmp_path / "agent"), *SMALL_HEADS]
+    argv += ["--train_meta_path", demo.config_overrides()["train_meta_path"], "--device", "cpu"]
+    segments = read_captions_csv(demo.config_overrides()["train_meta_path"]).segments
+    for dout_p, expected in (("0.1", 0.1), ("0", 0.0)):
+        cfg = config_from_argv(build_parser(), [*argv, "--dout_p", dout_p])
+        found = dropouts(build_generator(cfg, segments))
+        assert found and set(found) == {expected}
+    assert dropouts(SegmentCritic()) == []
