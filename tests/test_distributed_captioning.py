@@ -58,6 +58,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # two runs and a torchrun start: ~20 s (tests/test_distributed.py keeps one such test fast)
 def test_train_critic_on_two_processes_trains_the_weights_of_one(tmp_path):
     launch([sys.executable], critic_argv(tmp_path, "one", "--epoch_num", "2"))
     launch(TORCHRUN, critic_argv(tmp_path, "two", "--epoch_num", "2"))
