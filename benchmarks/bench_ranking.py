@@ -88,14 +88,15 @@ def bench_pointwise(args: argparse.Namespace) -> None:
     print(json.dumps({"what": "pointwise_peak_rss_gb", **common, "gb": round(peak_gb, 2)}))
 
 
-def ppo_setup(args: argparse.Namespace, folder: Path):
-    """Synthetic clips in the real HDF5 layout, the PPO models at the benchmark size, and the run settings."""
+def ppo_setup(args: argparse.Namespace, folder: Path, sizes: LabelRankingConfig | None = None):
+    """Synthetic clips in the real HDF5 layout, the PPO models at the benchmark size (paper size with
+    `--ppo_scorer_head` unless `sizes` says otherwise), and the run settings."""
     from datasets.ranking.lrmovienet import ClipFeatures, PPOPairDataset, read_clip_list
     from epoch_loops.ranking.ppo import PPOModels
     from main import build_parser
     from utilities.config import config_from_argv
 
-    sizes = LabelRankingConfig(scorer_head=args.ppo_scorer_head)
+    sizes = sizes or LabelRankingConfig(scorer_head=args.ppo_scorer_head)
     n_clips, n_labels = args.ppo_batch, 4
     with h5py.File(folder / "feat.h5", "w") as h5:
         for c in range(n_clips):
@@ -115,16 +116,17 @@ def ppo_setup(args: argparse.Namespace, folder: Path):
         "--ppo_objective",
         args.ppo_objective,
         "--scorer_head",
-        args.ppo_scorer_head,
+        sizes.scorer_head,
     ]
     argv += ["--batch_size", str(args.ppo_batch), "--num_workers", "0", "--ppo_epochs", "1"]
     cfg = config_from_argv(build_parser(), argv)
     cfg.device = args.device
-    dataset = PPOPairDataset(read_clip_list(folder / "clips.json"), ClipFeatures(folder / "feat.h5"), 16, 1)
+    clip_list, features = read_clip_list(folder / "clips.json"), ClipFeatures(folder / "feat.h5")
+    dataset = PPOPairDataset(clip_list, features, sizes.max_imgs, 1)
     actor, critic = sizes.build_scorer(), sizes.build_reward_model()
     reward = sizes.build_reward_model().requires_grad_(False)
     reference = copy.deepcopy(actor).requires_grad_(False) if args.ppo_objective == "clip" else None
-    models = PPOModels(actor, critic, reward, reference)
+    models = PPOModels(actor, critic, reward, reference, sizes)
     for model in (actor, critic, reward, reference):
         if model is not None:
             model.to(args.device).eval()

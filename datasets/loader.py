@@ -13,6 +13,9 @@ that can be in flight before the workers start. A worker pads its batch's featur
 sampler assigned and sends only the small parts; the main process copies the features out of the slot before
 it hands the batch on, so callers may keep batches as long as they like.
 
+Pinned memory: only a run on a CUDA device asks for page-locked batches (`pin_memory`), which it then copies to
+the device with `non_blocking`; on the CPU pinning would only cost an extra copy.
+
 Errors: a worker returns the InputError or ToolError it hits instead of raising it, and the main process raises
 it as is (`BatchReader`, `Batches`), so the user reads the same one line as without workers (torch would
 re-raise it as a 30-line "Caught InputError in DataLoader worker process 0" message).
@@ -226,8 +229,10 @@ class CaptionLoader:
         num_workers: int = 0,
         prefetch_factor: int = 2,
         max_rows: dict[str, int] | None = None,
+        pin_memory: bool = False,
     ):
-        """`max_rows`: the dataset's `max_crop_rows()` where the caller has computed it already."""
+        """`max_rows`: the dataset's `max_crop_rows()` where the caller has computed it already; `pin_memory`:
+        batches in page-locked memory (for a run on a CUDA device)."""
         self.dataset = dataset
         local_size = -(-batch_size // world_size())
         if shuffle:
@@ -237,7 +242,7 @@ class CaptionLoader:
             self.sampler = share(range(len(dataset)))
             batches = BatchSampler(self.sampler, local_size, drop_last=False)
         self.batches = batches
-        self.pin = torch.cuda.is_available()
+        self.pin = pin_memory
         self.ring = None
         # Every DataLoader iterator draws a base seed for its workers from `generator` (from torch's global RNG
         # without one), workers or not: its own generator keeps dropout's stream the same whatever --num_workers.
@@ -309,17 +314,33 @@ def ring_slots(num_workers: int, prefetch_factor: int = 2) -> int:
     return prefetch_factor * num_workers + 1
 
 
+def on_cuda(cfg) -> bool:
+    """Whether the run's (resolved) `--device` is a CUDA device: its loaders pin their batches."""
+    return torch.device(cfg.device).type == "cuda"
+
+
 def train_loader(cfg, dataset: CaptionDataset, max_rows: dict[str, int] | None = None) -> CaptionLoader:
     """`--B` segments per batch in a seeded order per epoch."""
     return CaptionLoader(
-        dataset, cfg.B, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers, max_rows=max_rows
+        dataset,
+        cfg.B,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        max_rows=max_rows,
+        pin_memory=on_cuda(cfg),
     )
 
 
 def val_loader(cfg, dataset: CaptionDataset, max_rows: dict[str, int] | None = None) -> CaptionLoader:
     """`--inf_B_coeff` × `--B` segments per batch in file order."""
     return CaptionLoader(
-        dataset, cfg.inf_B_coeff * cfg.B, shuffle=False, num_workers=cfg.num_workers, max_rows=max_rows
+        dataset,
+        cfg.inf_B_coeff * cfg.B,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        max_rows=max_rows,
+        pin_memory=on_cuda(cfg),
     )
 
 

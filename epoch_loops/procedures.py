@@ -85,7 +85,7 @@ PROCEDURES: dict[str, Procedure] = {
     "train_critic": Procedure(
         "epoch_loops.captioning.critic:train_critic", "train BMHRL's segment critic (the sub-goal boundaries)",
         ("captions", "vocabulary", "loader", "epochs", "clipping", "critic", "critic_training", "metrics"),
-        trains=True,
+        trains=True, distributed=True,
     ),
     "train_rl_cap": Procedure(
         "epoch_loops.captioning.train:train_rl_cap", "train the BMHRL captioner: supervised warm start, then RL",
@@ -96,7 +96,7 @@ PROCEDURES: dict[str, Procedure] = {
     "train_prop": Procedure(
         "epoch_loops.captioning.proposals:train_prop", "train the event proposal generator on a captioner's encoder",
         (*AGENT, "epochs", "clipping", "early_stopping", "proposals", "proposal_training", "evaluation", "metrics"),
-        trains=True,
+        trains=True, distributed=True,
     ),
     "predict": Procedure(
         "epoch_loops.captioning.predict:predict", "caption one video (given segments or its own proposals)",

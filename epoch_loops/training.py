@@ -299,8 +299,11 @@ def checkpoint_state(
     **extra: Any,
 ) -> dict[str, Any]:
     """The training state `resume` restores: weights (unless `model` is None: saved in their own files),
-    optimiser, `opt.scheduler` (or `extra["scheduler"]`), counters, RNG states, the run's config, and `extra`."""
+    optimiser, `opt.scheduler` (or `extra["scheduler"]`), fp16's loss scale (`grad_scaler`), counters, RNG
+    states, the run's config, and `extra`."""
     extra.setdefault("scheduler", opt.scheduler)
+    if opt.scaler is not None:
+        extra["grad_scaler"] = opt.scaler.state_dict()
     return training_state(
         model, opt.optimizer, cfg, epoch=epoch, step=opt.step, best_metric=best_metric, **extra
     )
@@ -318,8 +321,9 @@ def resume(
     """The one resume path. The state is loaded on the CPU whatever the device (the RNG states must stay CPU
     tensors; weights and optimiser state are copied onto their parameters' device), its `kind` checked, then
     weights (unless `model` is None), optimiser, schedule (`opt.scheduler` unless `scheduler` is given),
-    `data_generator` and the global RNGs are put back and the step count continues. Returns the state, for the
-    loop's own counters."""
+    `data_generator`, fp16's loss scale (when this run and the saved one use fp16: `--amp` may change on resume)
+    and the global RNGs are put back and the step count continues. Returns the state, for the loop's own
+    counters."""
     source = training_file(path)
     state = load_checkpoint(source)
     if kind is not None and state.get("kind") != kind:
@@ -332,6 +336,8 @@ def resume(
         data_generator=data_generator,
         source=str(source),
     )
+    if opt.scaler is not None and state.get("grad_scaler"):
+        opt.scaler.load_state_dict(state["grad_scaler"])
     opt.step = state["step"]
     log.info("resuming %s from %s (%d optimiser steps done)", opt.name, source, opt.step)
     return state

@@ -84,7 +84,7 @@ def test_shared_memory_check_covers_every_ring_the_run_holds(dataset, monkeypatc
     """Room for one and a half rings: each loader alone fits, training + validation together do not."""
     if not os.path.isdir(loader_module.SHARED_MEMORY):
         pytest.skip("no /dev/shm on this system")
-    cfg = Config(B=8, inf_B_coeff=1, num_workers=2, seed=0)
+    cfg = Config(B=8, inf_B_coeff=1, num_workers=2, seed=0, device="cpu")
     one_ring = ring_bytes(ring_slots(2), 8, dataset.max_crop_rows(), {"video": 1024, "audio": 128})
     real_statvfs = os.statvfs
 
@@ -102,3 +102,17 @@ def test_shared_memory_check_covers_every_ring_the_run_holds(dataset, monkeypatc
         caption_loaders(cfg, dataset, {"val_1": dataset})
     train, val = caption_loaders(cfg, None, {"val_1": dataset})
     assert train is None and list(val) == ["val_1"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_pinned_only_for_a_cuda_run(dataset, workers):
+    """Pinned (page-locked) memory is asked for iff the run's device is CUDA; a CPU run's batches are the same
+    either way (the loader built as before this choice, when it never pinned on a machine without CUDA)."""
+    for device, pinned in (("cpu", False), ("cuda", True), ("cuda:1", True)):
+        cfg = Config(B=8, inf_B_coeff=1, num_workers=workers, seed=0, device=device)
+        for loader in (train_loader(cfg, dataset), val_loader(cfg, dataset)):
+            assert loader.pin is pinned
+            assert loader.loader.pin_memory is (pinned and workers == 0)  # with workers the ring copy pins
+    cpu = train_loader(Config(B=8, inf_B_coeff=1, num_workers=workers, seed=0, device="cpu"), dataset)
+    reference = CaptionLoader(dataset, 8, shuffle=True, seed=0, num_workers=workers)
+    assert_same_batches(epoch(cpu, 1, 2), epoch(reference, 1, 2))

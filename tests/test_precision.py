@@ -1,6 +1,6 @@
-"""`--amp` and `--compile` in the one training machinery: a warm-start step under bf16 autocast on the CPU has the
-loss of fp32 within 2 %, weights and gradients stay fp32, fp16 steps through its loss scaler, and the compiled
-forward trains the same agent."""
+"""`--amp` and `--compile` in the one training machinery: a warm-start step and an RL step under bf16 autocast on
+the CPU have the losses of fp32 within 2 %, weights and gradients stay fp32, fp16 steps through its loss scaler
+(whose scale is saved and restored with the training state), and the compiled forward trains the same agent."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import torch
 
 from datasets.captioning.activitynet import CaptionBatch
 from datasets.vocabulary import Vocabulary
+from epoch_loops.captioning import rl
 from epoch_loops.captioning import train as captioning
-from epoch_loops.training import precision
+from epoch_loops.training import checkpoint_state, precision, resume
 from main import build_parser
 from tests.test_captioning import D_AUD, D_VID, tiny_argv
+from tests.test_rl import WordCountReward
+from utilities.checkpoint import save_checkpoint
 from utilities.config import Config
 
 VOCAB = ["<unk>", "<blank>", "<s>", "</s>", "a", "man", "and", "dog", "ball"]
@@ -92,3 +95,48 @@ def test_compile_runs_a_warm_start_step_with_the_eager_loss(tmp_path):
     eager, compiled = trainer_for(tmp_path), trainer_for(tmp_path, "--compile")
     assert compiled.forward is not compiled.agents.agent
     assert warm_start_step(compiled) == pytest.approx(warm_start_step(eager), rel=1e-4)
+
+
+class OneBatch(list):
+    """A stand-in for the training loader: one batch per epoch."""
+
+    class sampler:
+        @staticmethod
+        def set_epoch(epoch: int) -> None:
+            pass
+
+
+def rl_epoch_losses(trainer: captioning.Trainer) -> dict[str, float]:
+    """One biased_kl worker epoch of one batch, the reward a toy word count (no Java)."""
+    trainer.rewards = rl.Rewards(WordCountReward("man"), {"x": "a man and a dog"}, trainer.agents.vocab)
+    step = batch()
+    step.stand_in = False
+    trainer.train_batches = OneBatch([step])
+    return rl.rl_epoch(trainer, 0, "worker")
+
+
+def test_bf16_rl_step_has_the_fp32_loss_within_2_percent(tmp_path):
+    flags = ("--rl_objective", "biased_kl", "--rl_stabilize")
+    fp32, bf16 = trainer_for(tmp_path, *flags), trainer_for(tmp_path, *flags, "--amp", "bf16")
+    a, b = rl_epoch_losses(fp32), rl_epoch_losses(bf16)
+    assert a["reward"] == b["reward"]  # the same sampled tokens
+    for key in ("loss_worker", "loss_worker_value"):
+        assert b[key] != a[key]  # the forward ran in bf16 ...
+        assert b[key] == pytest.approx(a[key], rel=0.02), key  # ... and the losses reduced in fp32
+
+
+def test_a_resumed_fp16_run_continues_with_the_saved_loss_scale(tmp_path):
+    """The scaler's state goes into the training state and comes back on resume (a fresh scaler starts at 65536
+    and would re-learn the scale through skipped steps)."""
+    trainer = trainer_for(tmp_path, "--amp", "fp16")
+    warm_start_step(trainer)
+    trainer.optimisation.scaler.update(new_scale=1024.0)
+    state = checkpoint_state(trainer.optimisation, trainer.cfg, None, epoch=1, best_metric=None)
+    save_checkpoint(tmp_path / "state.pt", state)
+
+    resumed = trainer_for(tmp_path, "--amp", "fp16")
+    assert resumed.optimisation.scaler.get_scale() == 65536.0
+    resume(resumed.optimisation, tmp_path / "state.pt", None)
+    assert resumed.optimisation.scaler.get_scale() == 1024.0
+    assert resumed.optimisation.scaler.state_dict() == trainer.optimisation.scaler.state_dict()
+    resume(trainer_for(tmp_path).optimisation, tmp_path / "state.pt", None)  # resumed without fp16: ignored

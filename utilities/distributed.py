@@ -96,6 +96,14 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def global_max(value: torch.Tensor) -> torch.Tensor:
+    """`value`'s elementwise maximum over all processes (a copy; the input is left alone)."""
+    largest = value.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return largest
+
+
 def loss_normaliser(count: torch.Tensor) -> torch.Tensor:
     """Divide a process's summed loss by this to get, after the gradients are averaged over W processes, the
     gradient of (global sum / global count): global count / W. On one process: `count`."""

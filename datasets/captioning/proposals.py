@@ -79,12 +79,20 @@ class VideoBatch:
         )
 
 
-def collate_videos(videos: Sequence[Video], rows: Sequence[dict[str, np.ndarray]]) -> VideoBatch:
-    """Pad each modality to the longest `padded_rows` of the batch (300/800 unless a video is longer)."""
+def batch_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, int]:
+    """Per modality, the rows a batch of these videos is padded to: the longest `padded_rows`."""
+    return {m: max(padded_rows(len(r[m]), m) for r in rows) for m in ("video", "audio")}
+
+
+def collate_videos(
+    videos: Sequence[Video], rows: Sequence[dict[str, np.ndarray]], pad_to: dict[str, int] | None = None
+) -> VideoBatch:
+    """Pad each modality to the longest `padded_rows` of the batch (300/800 unless a video is longer), or to
+    `pad_to` (under torchrun: a rank's share padded as its whole global batch is, `batch_rows`)."""
     features, masks, n_cells = {}, {}, {}
     for m in ("video", "audio"):
         lengths = [len(r[m]) for r in rows]
-        S = max(padded_rows(n, m) for n in lengths)
+        S = max(padded_rows(n, m) for n in lengths) if pad_to is None else pad_to[m]
         out = np.full((len(rows), S, rows[0][m].shape[1]), PAD_VALUE, np.float32)
         for b, r in enumerate(rows):
             out[b, : lengths[b]] = r[m]
@@ -115,5 +123,7 @@ class VideoDataset(Dataset):
         v = self.videos[i]
         return v, {m: check_rows(store.rows(v.video_id), m, v.video_id) for m, store in self.stores.items()}
 
-    def collate(self, items: Sequence[tuple[Video, dict[str, np.ndarray]]]) -> VideoBatch:
-        return collate_videos([v for v, _ in items], [r for _, r in items])
+    def collate(
+        self, items: Sequence[tuple[Video, dict[str, np.ndarray]]], pad_to: dict[str, int] | None = None
+    ) -> VideoBatch:
+        return collate_videos([v for v, _ in items], [r for _, r in items], pad_to)

@@ -13,6 +13,13 @@ the imbalance is met at the decision, not in the loss: plain BCE (`--critic_pos_
 calibrated probability, and the agent's threshold 0.25 (below 0.5) already leans to recall. Weighting boundaries
 by the class ratio would inflate the probabilities and, at 0.25, mark nearly every token. Every epoch: boundary precision / recall / F1 on the held-out captions at the agent's
 threshold `--rl_critic_score_threshhold`; the best epoch on held-out F1 is what `critic.cp` holds.
+
+Under torchrun (`torchrun --nproc_per_node=N main.py --procedure train_critic`) `--B` is the global batch: the
+captions' order is drawn from one seeded generator (the same on every rank, saved for `--resume`, so a run may
+continue on another number of processes), each rank trains on its contiguous share of every global batch, and the
+loss is normalised by the global token count, so the averaged gradient is the one-process gradient. The held-out
+captions are split into one contiguous part per rank (no padding: each caption counted once) and the boundary
+counts summed over the ranks. Rank 0 writes every file and prints.
 """
 
 from __future__ import annotations
@@ -38,12 +45,13 @@ from epoch_loops.training import (
 )
 from model.blocks import VocabularyEmbedder
 from model.captioning.bmhrl import HeuristicSegmenter, SegmentCritic, trainable_parameters
+from utilities import distributed
 from utilities.checkpoint import load_checkpoint
 from utilities.config import Config
-from utilities.distributed import loss_normaliser
+from utilities.distributed import global_sum, loss_normaliser, share
 from utilities.errors import InputError
 from utilities.log import progress
-from utilities.run_dir import RunDir
+from utilities.run_dir import RunDir, is_rank0
 from utilities.seeding import Stream, data_generator, stream_seed
 
 log = logging.getLogger(__name__)
@@ -107,12 +115,13 @@ def boundary_rate(data: CriticData) -> float:
 # ---- metrics ----------------------------------------------------------------------------------------------------
 @dataclass
 class BoundaryCounts:
-    """Token-level confusion counts for the positive class 'ends a segment'."""
+    """Token-level confusion counts for the positive class 'ends a segment', and how many captions they count."""
 
     tp: int = 0
     fp: int = 0
     fn: int = 0
     tokens: int = 0
+    captions: int = 0  # counted by `evaluate`: each held-out caption once
 
     def add(self, decided: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         decided, truth = decided & mask, (labels > 0.5) & mask
@@ -142,13 +151,17 @@ def trivial_baselines(data: CriticData) -> dict[str, dict[str, float]]:
 
 # ---- training ---------------------------------------------------------------------------------------------------
 def masked_bce(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: float
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    pos_weight: float,
+    normaliser: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the real tokens of the global batch of BCE with boundary tokens weighted by `pos_weight`
-    (`loss_normaliser`: the same gradient on one process and under DDP)."""
+    (`normaliser`, by default `loss_normaliser(mask.sum())`: the same gradient on one process and under DDP)."""
     weight = torch.tensor(pos_weight, device=logits.device)
     per_token = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight, reduction="none")
-    return (per_token * mask).sum() / loss_normaliser(mask.sum())
+    return (per_token * mask).sum() / (loss_normaliser(mask.sum()) if normaliser is None else normaliser)
 
 
 def train_epoch(
@@ -162,37 +175,54 @@ def train_epoch(
     pos_weight: float,
     pad_idx: int,
 ) -> float:
-    """One pass over `data` in a seeded order; returns the token-weighted mean training loss."""
+    """One pass over `data` in a seeded order of global batches (this rank trains on its share of each; one
+    whose share is empty steps on a stand-in caption); returns the token-weighted mean training loss."""
     critic.train()
     order = torch.randperm(len(data), generator=generator).tolist()
-    total, tokens = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=cfg.device)  # on the device: NCCL reduces there
+    tokens = torch.zeros((), dtype=torch.float64, device=cfg.device)
     batches = [order[i : i + cfg.B] for i in range(0, len(order), cfg.B)]
-    for step, index in enumerate(progress(batches, desc=f"critic epoch {epoch}"), 1):
-        ids, labels, mask = data.batch(index, pad_idx, cfg.device)
-        logits, _ = critic.logits(embed(ids))
-        loss = masked_bce(logits, labels, mask, pos_weight)
-        optimiser_step(opt, loss, f"epoch {epoch}, batch {step}")
-        total += loss.item() * int(mask.sum())
-        tokens += int(mask.sum())
-    return total / tokens
+    for step, batch in enumerate(progress(batches, desc=f"critic epoch {epoch}"), 1):
+        index = share(batch)
+        with distributed.stand_in(not index):
+            ids, labels, mask = data.batch(index or batch[:1], pad_idx, cfg.device)
+            logits, _ = critic.logits(embed(ids))
+            normaliser = loss_normaliser(mask.sum())
+            loss = masked_bce(logits, labels, mask, pos_weight, normaliser)
+            optimiser_step(opt, loss, f"epoch {epoch}, batch {step}")
+        if index:  # this rank's summed token loss: loss × normaliser
+            loss_sum += float(loss.detach()) * float(normaliser)
+            tokens += int(mask.sum())
+    return float(global_sum(loss_sum) / global_sum(tokens))
 
 
 @torch.no_grad()
 def evaluate(
     critic: SegmentCritic, embed: VocabularyEmbedder, data: CriticData, batch_size: int, pad_idx: int, device
 ) -> tuple[float, BoundaryCounts]:
-    """Unweighted BCE per token and the boundary counts at the critic's threshold, over `data` in file order."""
+    """Unweighted BCE per token and the boundary counts at the critic's threshold, over `data` in file order.
+    `batch_size` is global: under torchrun each rank scores its contiguous part of `data` in batches of its share
+    of it, and the sums are added over the ranks (every caption counted once)."""
     critic.eval()
     counts, total = BoundaryCounts(), 0.0
-    for start in range(0, len(data), batch_size):
-        ids, labels, mask = data.batch(
-            list(range(start, min(start + batch_size, len(data)))), pad_idx, device
-        )
+    part = share(range(len(data)))
+    local_size = -(-batch_size // distributed.world_size())
+    for start in range(0, len(part), local_size):
+        ids, labels, mask = data.batch(part[start : start + local_size], pad_idx, device)
         embedded = embed(ids)
         logits, _ = critic.logits(embedded)
         total += float((F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * mask).sum())
         counts.add(critic.segment_ends(ids, embedded), labels, mask)
-    return total / counts.tokens, counts
+        counts.captions += len(ids)
+    sums = global_sum(
+        torch.tensor(
+            [total, counts.tp, counts.fp, counts.fn, counts.tokens, counts.captions],
+            dtype=torch.float64,
+            device=device,
+        )
+    ).tolist()
+    counts = BoundaryCounts(*(round(x) for x in sums[1:]))
+    return sums[0] / counts.tokens, counts
 
 
 def original_state_dict(critic: SegmentCritic) -> dict[str, torch.Tensor]:
@@ -221,12 +251,13 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     if rate == 0:
         raise InputError(f"{cfg.train_meta_path}: no token is labelled as a segment end: nothing to learn")
     pos_weight = cfg.critic_pos_weight
-    print(
+    distributed.check_global_batch("B", cfg.B)
+    say(
         f"train_critic: {len(train_data)} training captions ({cfg.train_meta_path}, boundary rate {rate:.3f}), "
         f"{len(heldout_data)} held-out ({cfg.val_1_meta_path}, boundary rate {boundary_rate(heldout_data):.3f})"
     )
-    print(f"vocabulary size: {len(vocab)} | boundary pos_weight {pos_weight:g}")
-    print(f"trainable parameters: {trainable_parameters(critic)}")
+    say(f"vocabulary size: {len(vocab)} | boundary pos_weight {pos_weight:g}")
+    say(f"trainable parameters: {trainable_parameters(critic)}")
     if cfg.dry_run:  # sizes and counts only: GloVe is not read
         return
 
@@ -247,11 +278,11 @@ def train_critic(cfg: Config, run: RunDir) -> None:
     if resume_state is not None:
         state = resume(opt, cfg.resume, critic, data_generator=generator)
         start_epoch, metrics = state["epoch"], state["metrics"]
-    else:
+    elif is_rank0():
         run.write_json("vocabulary.json", vocab.to_list())
     saver = Saver(run)
     baseline = metrics["baselines"]["all_boundary"]["f1"]
-    print(f"held-out trivial baselines: all-boundary F1 {baseline:.3f}, no-boundary F1 0.000")
+    say(f"held-out trivial baselines: all-boundary F1 {baseline:.3f}, no-boundary F1 0.000")
 
     for epoch in range(start_epoch + 1, cfg.epoch_num + 1):
         train_loss = train_epoch(
@@ -262,6 +293,7 @@ def train_critic(cfg: Config, run: RunDir) -> None:
         )
         scores = counts.scores()
         record = {"epoch": epoch, "train_loss": train_loss, "heldout_loss": heldout_loss, **scores}
+        record["heldout_scored"] = {"captions": counts.captions, "tokens": counts.tokens}
         improved = metrics["best"] is None or scores["f1"] > metrics["best"]["f1"]
         metrics["epochs"].append(record)
         if improved:
@@ -269,8 +301,9 @@ def train_critic(cfg: Config, run: RunDir) -> None:
             saver.save(
                 CRITIC_FILE, original_state_dict(critic), *([cfg.critic_out] if cfg.critic_out else [])
             )
-        report_epoch(run, cfg, record, improved)
-        run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+        if is_rank0():
+            report_epoch(run, cfg, record, improved)
+            run.write_metrics("metrics.json", metrics, cfg.metrics_out)
         state = checkpoint_state(
             opt,
             cfg,
@@ -282,9 +315,10 @@ def train_critic(cfg: Config, run: RunDir) -> None:
             metrics=metrics,
         )
         saver.save(LAST_FILE, state)
+        distributed.barrier()  # the epoch's checkpoints are complete before any rank goes on
     best = metrics["best"]
     if best is not None:
-        print(
+        say(
             f"best epoch {best['epoch']}: held-out boundary P {best['precision']:.3f} R {best['recall']:.3f} "
             f"F1 {best['f1']:.3f} (all-boundary F1 {baseline:.3f})"
             + (f"; also written to {cfg.critic_out}" if cfg.critic_out else "")
@@ -294,7 +328,7 @@ def train_critic(cfg: Config, run: RunDir) -> None:
             f"F1 {best['f1']:.3f} (held-out boundaries)",
             run.path / "checkpoints" / CRITIC_FILE,
         )
-        if best["f1"] < baseline:
+        if best["f1"] < baseline and is_rank0():
             log.warning(
                 "the saved critic's held-out F1 %.3f is below the all-boundary baseline's %.3f (a boundary at every "
                 "token): it segments worse than no critic at all; train longer, check the labels or "
@@ -302,6 +336,12 @@ def train_critic(cfg: Config, run: RunDir) -> None:
                 best["f1"],
                 baseline,
             )
+
+
+def say(line: str) -> None:
+    """A console line, printed by rank 0 only under torchrun."""
+    if is_rank0():
+        print(line)
 
 
 def report_epoch(run: RunDir, cfg: Config, record: dict, improved: bool) -> None:

@@ -12,6 +12,13 @@ official evaluator against every `--reference_paths` file at `--tIoUs`; the epoc
 precision and recall) is `checkpoints/best_prop_model.pt` in BMT's layout, and `checkpoints/train_prop_last.pt`
 holds the full training state for `--resume`. Features are read in the main process (one whole video per item).
 
+Under torchrun (`torchrun --nproc_per_node=N main.py --procedure train_prop`) `--B` is the global batch: the
+order comes from one seeded generator (the same on every rank, saved for `--resume`), each rank trains on its
+contiguous share of every global batch, padded as the whole global batch is (`batch_rows`, one all-reduce), and
+each head's means are over the global batch's cells (`proposal_loss`), so the averaged gradient is the
+one-process gradient. Validation proposes for one contiguous part of the val_1 videos per rank, gathered on
+rank 0, which scores them and writes every file.
+
 Selection follows BMT's single-video tool everywhere: clip to the duration, drop proposals of 0.2 s or less,
 then keep the top K by objectness (BMT's training-time validation took the top K before filtering, which returns
 fewer than K whenever some are clipped away).
@@ -26,7 +33,7 @@ import numpy as np
 import torch
 
 from datasets.captioning.activitynet import Segment, drop_missing, open_stores, read_captions_csv
-from datasets.captioning.proposals import Video, VideoBatch, VideoDataset, videos_of
+from datasets.captioning.proposals import Video, VideoBatch, VideoDataset, batch_rows, videos_of
 from epoch_loops.captioning.proposal_files import PROP_FILE, encoder_from_captioning, proposal_checkpoint
 from epoch_loops.training import (
     Optimisation,
@@ -45,11 +52,12 @@ from model.captioning.proposals import (
     proposal_loss,
     select_proposals,
 )
+from utilities import distributed
 from utilities.checkpoint import load_model_state
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.log import progress
-from utilities.run_dir import RunDir
+from utilities.run_dir import RunDir, is_rank0
 from utilities.seeding import Stream, data_generator, stream_seed
 
 
@@ -77,14 +85,19 @@ def proposal_results(video_ids: list[str], proposals: list[torch.Tensor]) -> dic
 def propose(
     model: ProposalGenerator, dataset: VideoDataset, cfg: Config, desc: str = "proposals"
 ) -> dict[str, list[dict]]:
-    """`--max_prop_per_vid` proposals (optional NMS) of every video of `dataset`, as a proposal file's results."""
+    """`--max_prop_per_vid` proposals (optional NMS) of every video of `dataset`, as a proposal file's results.
+    Under torchrun each rank proposes for its contiguous part of the videos (batches of its share of
+    `--inf_B_coeff × --B`) and every rank gets all of them, in file order."""
     model.eval()
     results = {}
-    size = cfg.B * cfg.inf_B_coeff
-    for start in progress(range(0, len(dataset), size), desc=desc):
-        batch = dataset.collate([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+    part = distributed.share(range(len(dataset)))
+    size = -(-cfg.B * cfg.inf_B_coeff // distributed.world_size())
+    for start in progress(range(0, len(part), size), desc=desc):
+        batch = dataset.collate([dataset[i] for i in part[start : start + size]])
         tops = video_proposals(model, batch.to(cfg.device), cfg.max_prop_per_vid, cfg.nms_tiou_thresh)
         results.update(proposal_results(batch.video_ids, tops))
+    if distributed.world_size() > 1:
+        results = dict(distributed.gather(list(results.items())))
     return results
 
 
@@ -142,20 +155,29 @@ def train_epoch(
     cfg: Config,
     epoch: int,
 ) -> float:
-    """One pass in a seeded order, full batches only (drop_last, as the original); returns the mean loss."""
+    """One pass in a seeded order of global batches, full ones only (drop_last, as the original; this rank trains
+    on its share of each); returns the mean loss."""
     model.train()
     order = torch.randperm(len(dataset), generator=generator).tolist()
     batches = [order[i : i + cfg.B] for i in range(0, len(order) - cfg.B + 1, cfg.B)]
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=cfg.device)  # on the device: NCCL reduces there
     for step, index in enumerate(progress(batches, desc=f"train_prop epoch {epoch}"), 1):
-        batch = dataset.collate([dataset[i] for i in index]).to(cfg.device)
+        items = [dataset[i] for i in distributed.share(index)]
+        batch = dataset.collate(items, global_batch_rows(items, cfg.device)).to(cfg.device)
         outputs = model(
             batch.features["video"], batch.masks["video"], batch.features["audio"], batch.masks["audio"]
         )
         loss = proposal_loss(outputs, [centre_lengths(s) for s in batch.segments], model.cfg)
         optimiser_step(opt, loss, f"epoch {epoch}, batch {step}")
-        total += float(loss.detach())
-    return total / max(1, len(batches))
+        total += loss.detach()  # the ranks' losses average to the global batch's
+    return float(distributed.global_sum(total)) / distributed.world_size() / max(1, len(batches))
+
+
+def global_batch_rows(items: list[tuple[Video, dict]], device) -> dict[str, int]:
+    """The rows per modality that the whole global batch pads to: the largest over the ranks' shares."""
+    rows = batch_rows([r for _, r in items])
+    largest = distributed.global_max(torch.tensor(list(rows.values()), device=device)).tolist()
+    return dict(zip(rows, largest, strict=True))
 
 
 def train_prop(cfg: Config, run: RunDir) -> None:
@@ -173,9 +195,10 @@ def train_prop(cfg: Config, run: RunDir) -> None:
         raise InputError(
             f"--train_meta_path {cfg.train_meta_path}: {len(train)} videos, fewer than --B {cfg.B}"
         )
+    distributed.check_global_batch("B", cfg.B)
     model = build_generator(cfg, train_annotations.segments)
     trained = [p for p in model.parameters() if p.requires_grad]
-    print(
+    say(
         f"train_prop: {len(train)} training videos, {len(val)} validation videos ({cfg.val_1_meta_path}); "
         f"parameters {sum(p.numel() for p in model.parameters())}, trained {sum(p.numel() for p in trained)} "
         f"(encoder {'fine-tuned' if cfg.finetune_cap_encoder else 'frozen'})"
@@ -196,10 +219,13 @@ def train_prop(cfg: Config, run: RunDir) -> None:
         for epoch in range(start_epoch + 1, cfg.epoch_num + 1):
             train_loss = train_epoch(model, train, opt, generator, cfg, epoch)
             results = propose(model, val, cfg, desc=f"validation epoch {epoch}")
-            run.write_json(
-                f"prop_results_val_1_e{epoch}_maxprop{cfg.max_prop_per_vid}.json", {"results": results}
-            )
-            detection = evaluator.detection(results, source=f"epoch {epoch} proposals")
+            detection = None
+            if is_rank0():
+                run.write_json(
+                    f"prop_results_val_1_e{epoch}_maxprop{cfg.max_prop_per_vid}.json", {"results": results}
+                )
+                detection = evaluator.detection(results, source=f"epoch {epoch} proposals")
+            detection = distributed.from_rank0(detection)  # selection and early stopping on every rank
             f1 = detection[AVERAGE_KEY]["F1"]
             record = {"epoch": epoch, "train_loss": train_loss, "val_1": detection}
             improved = metrics["best"] is None or f1 > metrics["best"]["val_1"][AVERAGE_KEY]["F1"]
@@ -210,8 +236,9 @@ def train_prop(cfg: Config, run: RunDir) -> None:
                     BEST_FILE,
                     proposal_checkpoint(model, epoch, opt.optimizer, detection, f1, **run_config(cfg)),
                 )
-            report_epoch(run, record, improved)
-            run.write_metrics("metrics.json", metrics, cfg.metrics_out)
+            if is_rank0():
+                report_epoch(run, record, improved)
+                run.write_metrics("metrics.json", metrics, cfg.metrics_out)
             best_f1 = metrics["best"]["val_1"][AVERAGE_KEY]["F1"]
             saver.save(
                 LAST_FILE,
@@ -225,14 +252,15 @@ def train_prop(cfg: Config, run: RunDir) -> None:
                     metrics=metrics,
                 ),
             )
+            distributed.barrier()  # the epoch's checkpoints are complete before any rank goes on
             stale = epoch - metrics["best"]["epoch"]
             if stale >= cfg.early_stop_after:
-                print(
+                say(
                     f"no F1 improvement for {stale} epochs: stopping (--early_stop_after {cfg.early_stop_after})"
                 )
                 break
     best = metrics["best"]["val_1"][AVERAGE_KEY]
-    print(
+    say(
         f"best epoch {metrics['best']['epoch']}: P {best['Precision']:.4f} R {best['Recall']:.4f} "
         f"F1 {best['F1']:.4f}"
     )
@@ -257,6 +285,12 @@ def run_config(cfg: Config) -> dict:
         "tIoUs": list(cfg.tIoUs),
         "reference_paths": list(cfg.reference_paths),
     }
+
+
+def say(line: str) -> None:
+    """A console line, printed by rank 0 only under torchrun."""
+    if is_rank0():
+        print(line)
 
 
 def report_epoch(run: RunDir, record: dict, improved: bool) -> None:

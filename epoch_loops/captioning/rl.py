@@ -30,6 +30,9 @@ Every random draw of a step (sampled tokens, explored goals) comes from the stre
 optimiser step, segment index, what is drawn, sample) (`sample_streams`): under torchrun a segment takes the same draws whichever
 rank holds it, so N processes take the steps of one.
 
+Under `--amp bf16|fp16` the agent's and the value functions' forward passes run in autocast; their outputs are
+taken in fp32 (`in_fp32`), so the rewards' arithmetic, the advantages, the losses and their reductions are fp32.
+
 Both objectives train the trained module's value function (MSE on the masked positions, --rl_value_function_lr)
 against the undiscounted-by-baseline scores above. Every epoch returns means of what matters: reward, baseline,
 advantage, entropy, fraction of tokens that end a segment, the losses, and the reward computation's share of the
@@ -43,8 +46,8 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -74,6 +77,7 @@ OBJECTIVES = ("scst", "biased_kl")
 # What a row stream is drawn for (`sample_streams`): scst's rollouts (tokens and goals, step by step), biased_kl's
 # explored goals and sampled tokens (each drawn at every position at once, so each from its own streams).
 SAMPLED_CAPTIONS, EXPLORED_GOALS, SAMPLED_TOKENS = range(3)
+Outputs = TypeVar("Outputs")
 
 
 def check_settings(cfg: Config) -> None:
@@ -232,11 +236,24 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return (((values - targets.detach()) ** 2) * mask).sum() / loss_normaliser(mask.sum())
 
 
+def in_fp32(outputs: Outputs) -> Outputs:
+    """A forward pass's outputs (a dataclass of tensors) with every floating tensor in fp32: what the rewards,
+    advantages and losses are computed from, whatever the autocast precision of the pass."""
+    return replace(
+        outputs,
+        **{
+            f.name: value.float()
+            for f in fields(outputs)
+            if isinstance(value := getattr(outputs, f.name), torch.Tensor) and value.is_floating_point()
+        },
+    )
+
+
 def worker_values(agents: Agents, worker_feat: torch.Tensor, goals: torch.Tensor | None) -> torch.Tensor:
-    """V_w([worker_feat ; goal]); the BM ablation has no goals: zeros in their place."""
+    """V_w([worker_feat ; goal]) in fp32; the BM ablation has no goals: zeros in their place."""
     if goals is None:
         goals = worker_feat.new_zeros(*worker_feat.shape[:-1], agents.agent.cfg.rl_goal_d)
-    return agents.worker_value(worker_feat, goals)
+    return agents.worker_value(worker_feat, goals).float()
 
 
 def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewards) -> StepResult:
@@ -247,6 +264,7 @@ def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewar
     sample_refs = [r for r in refs for _ in range(K)]
     with agent.drawing_from(sample_streams(trainer, batch, SAMPLED_CAPTIONS, K)):
         rollout = sample(agent, *features, max_len=cfg.max_len, num_samples=K, explore=module == "manager")
+    rollout = in_fp32(rollout)
     mask = rollout.mask
     N, T = mask.shape
     curve = rewards.prefix_rewards(rollout.tokens, mask, sample_refs)
@@ -296,7 +314,7 @@ def scst_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: Rewar
         v_loss = value_loss(values, targets, mask)
         weights = mask
     else:
-        values = agents.manager_value(rollout.manager_feat)
+        values = agents.manager_value(rollout.manager_feat).float()
         returns = spread_over_segments(discounted_returns(gains, ends, cfg.rl_gamma_manager), ends, mask)
         targets = returns * starts
         if baseline_gains is None:
@@ -322,7 +340,9 @@ def biased_kl_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: 
     cfg, agents = trainer.cfg, trainer.agents
     agent = agents.agent
     with agent.drawing_from(sample_streams(trainer, batch, EXPLORED_GOALS)):
-        out = agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
+        out = in_fp32(
+            agent(batch.video, batch.video_mask, batch.audio, batch.audio_mask, batch.captions[:, :-1])
+        )
     targets = batch.captions[:, 1:]
     real = targets != agent.pad_idx
     sampled = draw(out.log_probs, sample_streams(trainer, batch, SAMPLED_TOKENS)).masked_fill(
@@ -351,7 +371,7 @@ def biased_kl_step(trainer: Trainer, batch: CaptionBatch, module: str, rewards: 
         returns = discounted_returns(gains, ends, cfg.rl_gamma_manager)
         weights = out.goal_starts & real
         score = spread_over_segments(returns, ends, real) * weights
-        values = agents.manager_value(out.manager_feat)
+        values = agents.manager_value(out.manager_feat).float()
     advantage = score - values.detach() * weights if cfg.rl_stabilize else score
     per_row = weights.sum(1, keepdim=True)
     amplitude = (advantage * p_sampled * per_row).clamp(0, 1) * weights * (sampled != agent.pad_idx)
@@ -413,7 +433,8 @@ def rl_epoch(trainer: Trainer, epoch: int, module: str) -> dict[str, float]:
         batch = batch.to(trainer.device, non_blocking=True)
         with distributed.stand_in(batch.stand_in):
             try:
-                result = step(trainer, batch, module, rewards)
+                with trainer.autocast():
+                    result = step(trainer, batch, module, rewards)
             except NonFiniteReward as e:
                 raise diverged(
                     trainer.optimisation, f"reward ({e})", math.nan, trainer.place(epoch, i, batch)

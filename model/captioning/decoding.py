@@ -116,8 +116,9 @@ class Rollout:
 @torch.no_grad()
 def draw(log_probs: torch.Tensor, rng: torch.Generator | RowStreams) -> torch.Tensor:
     """One token per distribution of `log_probs` (..., V) by inverse CDF, the uniforms from `rng` (a CPU
-    generator or one per row, so the same seed gives the same tokens on any device)."""
-    cumulative = log_probs.exp().cumsum(-1)
+    generator or one per row, so the same seed gives the same tokens on any device). The CDF is summed in fp32
+    whatever the autocast precision of `log_probs`."""
+    cumulative = log_probs.float().exp().cumsum(-1)
     u = uniform((*cumulative.shape[:-1], 1), rng).to(cumulative)
     picked = torch.searchsorted(cumulative, u * cumulative[..., -1:]).squeeze(-1)
     return picked.clamp_max(log_probs.shape[-1] - 1)

@@ -25,6 +25,7 @@ from torch import nn
 
 from model.blocks import LayerStack, PositionalEncoder
 from model.captioning.bimodal_encoder import BiModalEncoderLayer
+from utilities.distributed import loss_normaliser
 
 MODALITIES = ("audio", "video")  # the original's flat order: every audio head, then every video head
 STRIDES = {"audio": 0.96, "video": 64 / 25}  # seconds per feature row (cell), as datasets.features.STRIDE_S
@@ -241,30 +242,45 @@ def build_targets(
     )
 
 
-def head_loss(raw: torch.Tensor, targets: Targets, obj_coeff: float, noobj_coeff: float) -> torch.Tensor:
+def head_loss(
+    raw: torch.Tensor,
+    targets: Targets,
+    obj_coeff: float,
+    noobj_coeff: float,
+    cells: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The original's YOLO loss of one head: MSE on σ(t_c) and on t_l over the owned cells, plus BCE objectness
-    (mean over owned cells × obj_coeff, mean over every other cell × noobj_coeff)."""
+    (mean over owned cells × obj_coeff, mean over every other cell × noobj_coeff). `cells`: what the sums over
+    owned and other cells are divided by (default: their numbers in this batch, i.e. the means)."""
     raw = raw.float()
     obj = targets.obj
-    loss_centre = F.mse_loss(torch.sigmoid(raw[..., 0])[obj], targets.centre[obj])
-    loss_length = F.mse_loss(raw[..., 1][obj], targets.log_length[obj])
+    n_obj, n_noobj = cells if cells is not None else (obj.sum(), (~obj).sum())
+    loss_centre = F.mse_loss(torch.sigmoid(raw[..., 0])[obj], targets.centre[obj], reduction="sum")
+    loss_length = F.mse_loss(raw[..., 1][obj], targets.log_length[obj], reduction="sum")
     logits = raw[..., 2]
-    loss_obj = F.binary_cross_entropy_with_logits(logits[obj], torch.ones_like(logits[obj]))
-    loss_noobj = F.binary_cross_entropy_with_logits(logits[~obj], torch.zeros_like(logits[~obj]))
-    return loss_centre + loss_length + obj_coeff * loss_obj + noobj_coeff * loss_noobj
+    loss_obj = F.binary_cross_entropy_with_logits(logits[obj], torch.ones_like(logits[obj]), reduction="sum")
+    loss_noobj = F.binary_cross_entropy_with_logits(
+        logits[~obj], torch.zeros_like(logits[~obj]), reduction="sum"
+    )
+    return (loss_centre + loss_length + obj_coeff * loss_obj) / n_obj + noobj_coeff * loss_noobj / n_noobj
 
 
 def proposal_loss(
     outputs: Sequence[HeadOutput], segments: Sequence[Sequence[tuple[float, float]]], cfg: ProposalConfig
 ) -> torch.Tensor:
-    """Summed over heads and modalities; `segments[b]` are video b's ground-truth (centre, length) in seconds."""
-    total = torch.zeros((), device=outputs[0].raw.device)
+    """Summed over heads and modalities; `segments[b]` are video b's ground-truth (centre, length) in seconds.
+    Each head's means are over the cells of the global batch (`loss_normaliser`, one all-reduce for every
+    head): under torchrun the averaged gradient is the one-process gradient."""
     targets: dict[tuple[str, int], Targets] = {}
     for out in outputs:
         key = (out.modality, out.raw.shape[2])
         if key not in targets:
             targets[key] = build_targets(segments, out.anchors, out.stride, out.raw.shape[2])
-        total = total + head_loss(out.raw, targets[key], cfg.obj_coeff, cfg.noobj_coeff)
+    heads = [targets[(out.modality, out.raw.shape[2])] for out in outputs]
+    cells = loss_normaliser(torch.stack([torch.stack((t.obj.sum(), (~t.obj).sum())) for t in heads]))
+    total = torch.zeros((), device=outputs[0].raw.device)
+    for out, head_targets, head_cells in zip(outputs, heads, cells, strict=True):
+        total = total + head_loss(out.raw, head_targets, cfg.obj_coeff, cfg.noobj_coeff, tuple(head_cells))
     return total
 
 
