@@ -42,9 +42,7 @@ TRAINING = {name for name, p in PROCEDURES.items() if p.trains}
 # labels sub-goal ends finds none, so the critic has nothing to learn there, and says so.
 FAILS_ON_DEMO = {"train_critic": "./data/train.csv: no token is labelled as a segment end"}
 # Pages other branches add; a link to them resolves once those are merged (then empty this set).
-PENDING_PAGES = {
-    "docs/multi-gpu.md",
-}
+PENDING_PAGES: set[str] = set()
 
 
 def readme_blocks(text: str) -> list[tuple[str, str | None]]:
