@@ -83,6 +83,8 @@ def assert_same_run(runs: dict[str, Path]) -> None:
     assert load_checkpoint(one)["step"] == load_checkpoint(two)["step"]
     assert max_weight_difference(one, two) <= 1e-5
     assert without_margins(metrics(runs["one"])) == without_margins(metrics(runs["two"]))
+    one_means, two_means = (training_means(metrics(runs[n])) for n in ("one", "two"))
+    assert one_means == pytest.approx(two_means, rel=1e-5, abs=1e-6) and one_means
     for split in ("dev", "test"):
         if "margin" in metrics(runs["one"])[split]:
             one, two = (metrics(runs[n])[split]["margin"] for n in ("one", "two"))
@@ -90,9 +92,19 @@ def assert_same_run(runs: dict[str, Path]) -> None:
 
 
 def without_margins(numbers: dict) -> dict:
-    """The metrics but the reward stage's mean margin: a mean of raw rewards, it follows the weights' last-bit
-    differences (≤ 1e-5); accuracies, NDCG and counts do not."""
-    return {k: without_margins(v) if isinstance(v, dict) else v for k, v in numbers.items() if k != "margin"}
+    """The metrics but the reward stage's mean margin and the history's training means (means of raw losses and
+    rewards: they follow the weights' last-bit differences, ≤ 1e-5, compared by `assert_same_run`); accuracies,
+    NDCG and counts do not."""
+    kept = {k: v for k, v in numbers.items() if k != "margin"}
+    if "history" in kept:
+        kept["history"] = [
+            without_margins({k: v for k, v in report.items() if k != "train"}) for report in kept["history"]
+        ]
+    return {k: without_margins(v) if isinstance(v, dict) else v for k, v in kept.items()}
+
+
+def training_means(numbers: dict) -> list[float]:
+    return [value for report in numbers.get("history", []) for value in report["train"].values()]
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +163,21 @@ def test_ppo_on_two_processes_trains_the_weights_of_one(small_demo, stage_checkp
     assert metrics(runs["two"])["dev"]["clips"] == 7
 
 
-STOP_AFTER_FIRST_REPORT = """
+STOP_AFTER_FIRST_CHECKPOINT = """
 import sys
-from epoch_loops.ranking import stages
+from epoch_loops import training
 from main import main
 
-real = stages.report
+real = training.Saver.save
 
 
-def report_then_stop(*args, **kwargs):
-    real(*args, **kwargs)
-    raise KeyboardInterrupt  # every rank, after the checkpoint of the first epoch's last step
+def save_then_stop(self, name, *args, **kwargs):
+    real(self, name, *args, **kwargs)
+    if name == "last.pt":
+        raise KeyboardInterrupt  # every rank, after the checkpoint of the first epoch's last step
 
 
-stages.report = report_then_stop
+training.Saver.save = save_then_stop
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -176,7 +189,7 @@ def test_a_two_process_run_stopped_after_its_first_epoch_resumes_on_one_process(
     """3 steps per epoch, a checkpoint every 3: the 2-process run stops after epoch 1; one process finishes it
     with the weights and numbers of the uninterrupted 2-process run."""
     script = tmp_path / "stopping_main.py"
-    script.write_text(STOP_AFTER_FIRST_REPORT)
+    script.write_text(STOP_AFTER_FIRST_CHECKPOINT)
     argv = stage_argv(small_demo, tmp_path, "pointwise", "cut", *COMMON, *STAGES["pointwise"])
     stopped = subprocess.run([*TORCHRUN, str(script), *argv], env=ENV, capture_output=True, text=True)
     assert stopped.returncode != 0
@@ -184,7 +197,9 @@ def test_a_two_process_run_stopped_after_its_first_epoch_resumes_on_one_process(
     assert load_checkpoint(last)["step"] == 3
     assert main(["--procedure", "pointwise", "--resume", str(last), "--num_workers", "0"]) == 0
     assert max_weight_difference(last, pointwise_runs["two"] / "checkpoints" / "last.pt") <= 1e-5
-    assert metrics(last.parents[1]) == metrics(pointwise_runs["two"])
+    resumed, uninterrupted = metrics(last.parents[1]), metrics(pointwise_runs["two"])
+    assert without_margins(resumed) == without_margins(uninterrupted)
+    assert training_means(resumed) == pytest.approx(training_means(uninterrupted), rel=1e-5, abs=1e-6)
 
 
 # --- dropout off, prefetching, bf16 --------------------------------------------------------------------------------
