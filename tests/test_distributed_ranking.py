@@ -259,6 +259,24 @@ def test_a_ppo_loss_under_bf16_is_within_2_percent_of_fp32(demo, trained):  # no
         assert bf16 == pytest.approx(fp32, rel=0.02) and bf16 != fp32
 
 
+@pytest.mark.parametrize(
+    ("procedure", "extra"), [("pointwise", "--max_tags 10"), ("reward", "--reward_val_triplets 5")]
+)
+def test_stages_1_and_2_under_bf16_have_the_fp32_first_loss_within_2_percent(
+    demo,  # noqa: F811
+    tmp_path,
+    procedure,
+    extra,
+):
+    """`--amp bf16` reaches stages 1 and 2: the first step's loss (reported after step 1) moves, by < 2 %."""
+    first = {}
+    for amp in ("none", "bf16"):
+        argv = stage_argv(demo, tmp_path, procedure, amp, "--learning_rate", "1e-3", "--batch_size", "8")
+        assert main([*argv, "--epochs_num", "1", "--report_steps", "1", "--amp", amp, *extra.split()]) == 0
+        first[amp] = metrics(tmp_path / procedure / amp)["history"][0]["train"]["loss"]
+    assert first["bf16"] == pytest.approx(first["none"], rel=0.02) and first["bf16"] != first["none"]
+
+
 def test_the_demos_ranking_stage_configs_split_over_two_processes():
     """The demo's saved stage configs are run as they are on 1 process and under torchrun with 2: every global
     batch flag must be even."""

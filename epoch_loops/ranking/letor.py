@@ -148,7 +148,8 @@ def both_train(data: dict[tuple[str, str], PackedSplit]) -> list[tuple[str, Pack
 
 
 def _align_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
-    return pointwise_loss(model(batch.frames, batch.text, batch.from_source), batch.targets, batch.mask), {}
+    scores = model(batch.frames, batch.text, batch.from_source).float()
+    return pointwise_loss(scores, batch.targets, batch.mask), {}
 
 
 def align(cfg: Config, run: RunDir) -> dict[str, Any] | None:

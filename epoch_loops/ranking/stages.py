@@ -57,9 +57,12 @@ from epoch_loops.training import (
     Optimisation,
     Saver,
     adamw,
+    autocast,
     checkpoint_state,
+    grad_scaler,
     linear_schedule,
     optimiser_step,
+    precision,
     print_best,
     resume,
 )
@@ -315,7 +318,9 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
     total_steps = steps_per_epoch * cfg.epochs_num
     optimizer = adamw([(model, cfg.learning_rate)], cfg.ranking_weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup)
-    opt = Optimisation(stage.kind, optimizer, cfg.grad_clip, run, scheduler)
+    device = torch.device(cfg.device)
+    amp = precision(cfg.amp, device)
+    opt = Optimisation(stage.kind, optimizer, cfg.grad_clip, run, scheduler, scaler=grad_scaler(amp, device))
     best, history = None, []
     if cfg.resume:
         state = resume(opt, cfg.resume, model, kind=stage.kind)
@@ -330,7 +335,8 @@ def train_supervised(cfg: Config, run: RunDir, stage: SupervisedStage) -> dict[s
         for batch in progress(batches, desc=f"{stage.kind} epoch {epoch + 1}/{cfg.epochs_num}"):
             batch = batch.to(cfg.device, non_blocking=True)
             with distributed.stand_in(batch.stand_in):
-                loss, stats = stage.loss(model, batch)
+                with autocast(amp, device):  # the losses take the model's outputs in fp32
+                    loss, stats = stage.loss(model, batch)
                 count = stage.count(batch)
                 optimiser_step(opt, distributed.global_mean(loss, count), f"epoch {epoch + 1}", stats)
             log_step(stage.logs, loss, stats, 0.0 if batch.stand_in else float(count))
@@ -420,7 +426,7 @@ def report(
 
 def pointwise_batch_loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
     """Stage 1's loss on a batch (LRMovieNet clips or LETOR queries): SmoothL1 on the graded labels."""
-    return pointwise_loss(model(batch.frames, batch.text), batch.targets, batch.mask), {}
+    return pointwise_loss(model(batch.frames, batch.text).float(), batch.targets, batch.mask), {}
 
 
 def reward_batch_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[Tensor, dict[str, Tensor]]]:
@@ -428,8 +434,8 @@ def reward_batch_loss(margin: float) -> Callable[[nn.Module, LabelBatch], tuple[
 
     def loss(model: nn.Module, batch: LabelBatch) -> tuple[Tensor, dict[str, Tensor]]:
         vectors = model.label_features(batch.frames, batch.text)  # one trunk pass for chosen and rejected
-        chosen = model.score_slots(vectors, batch.chosen)
-        rejected = model.score_slots(vectors, batch.rejected)
+        chosen = model.score_slots(vectors, batch.chosen).float()
+        rejected = model.score_slots(vectors, batch.rejected).float()
         return reward_margin_loss(chosen, rejected, margin), {"accuracy": (chosen > rejected).float().mean()}
 
     return loss
