@@ -224,14 +224,42 @@ def test_pooled_head_takes_any_token_and_frame_count_and_flattened_names_the_fla
         pooled(torch.randn(1, 3, D + 1), torch.randn(1, 2, T, D))
 
 
-def test_every_parameter_gets_a_gradient():
+def test_every_parameter_but_the_key_biases_gets_a_gradient():
+    """The key biases cancel in the softmax: they are not computed, get no gradient, and change no output."""
     torch.manual_seed(0)
     for model in (RewardModel(**SMALL), RewardModel(**SMALL, scorer_head="pooled")):
         frames, text = inputs(n_labels=2)
-        model.float()(
-            frames.float(), text.float(), torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]])
-        ).sum().backward()
-        assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+        slots = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]])
+        model.float()(frames.float(), text.float(), slots).sum().backward()
+        without = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert without and all(n.endswith("keys.bias") for n in without)
+        model.eval()
+        before = model(frames.float(), text.float(), slots)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("keys.bias"):
+                    p.add_(5.0)
+        torch.testing.assert_close(model(frames.float(), text.float(), slots), before)
+
+
+@pytest.mark.parametrize("compat", [True, False])
+def test_attention_over_one_key_is_its_value_and_trains_no_query_or_key(compat):
+    """A LETOR document attends to itself: the softmax over one key is exactly 1, so the output is the key's
+    value (as the full formula gives) and the query and key projections get no gradient (not rounding noise)."""
+    torch.manual_seed(0)
+    attention = CrossAttention(D, HEADS, compat).double()
+    x = torch.randn(3, 1, D, dtype=torch.float64)
+    v = attention.values(x).view(3, 1, HEADS, -1).transpose(1, 2)
+    q = attention.queries(x).view(3, 1, HEADS, -1).transpose(1, 2)
+    k = attention.keys(x).view(3, 1, HEADS, -1).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) * (1.0 if compat else 1 / math.sqrt(D // HEADS))
+    weights = logits.softmax(-1) / (math.sqrt(D) if compat else 1.0)
+    want = attention.projection((weights @ v).transpose(1, 2).reshape(3, 1, D))
+    out = attention(x, x)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    assert attention.queries.weight.grad is None and attention.keys.weight.grad is None
+    assert attention.values.weight.grad.abs().sum() > 0
 
 
 # ---- Plackett–Luce ---------------------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ def train_prop(cfg: Config, run: RunDir) -> None:
     print_best(
         f"epoch {metrics['best']['epoch']}",
         f"F1 {best['F1']:.4f} (val_1 proposals)",
-        run.checkpoints / BEST_FILE,
+        run.path / "checkpoints" / BEST_FILE,
     )
 
 

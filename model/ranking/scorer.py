@@ -79,13 +79,23 @@ class CrossAttention(nn.Module):
         self.projection = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """x `[N, Lq, dim]` attends over y `[N, Lk, dim]`."""
+        """x `[N, Lq, dim]` attends over y `[N, Lk, dim]`.
+
+        What the softmax cancels is not computed, so it gets no gradient: the key projection's bias (it adds the
+        same q·b to every score of a query) and, over a single key (a LETOR document attending to itself), the
+        queries and keys altogether (the one weight is exactly 1: the output is that key's value). Computed, they
+        got gradients of pure rounding noise that Adam turned into a random walk of up to ±lr per step,
+        different on 1 and N processes. They stay as initialised or loaded (kept for the checkpoint layout)."""
         n, lq, dim = x.shape
 
         def heads(t: Tensor) -> Tensor:
             return t.view(n, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
 
-        q, k, v = heads(self.queries(x)), heads(self.keys(y)), heads(self.values(y))
+        v = heads(self.values(y))
+        if y.shape[1] == 1:
+            out = v.expand(-1, -1, lq, -1) / (math.sqrt(dim) if self.compat_xit_attention else 1.0)
+            return self.projection(out.transpose(1, 2).reshape(n, lq, dim))
+        q, k = heads(self.queries(x)), heads(F.linear(y, self.keys.weight))
         if self.compat_xit_attention:
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0) / math.sqrt(dim)
         else:
