@@ -27,8 +27,9 @@ $(STAMP): requirements.txt | java
 	@rm -f $(VENV)/.installed-torch-*
 	@touch $(STAMP)
 
+# One BLAS thread: the summation order, and so the demo's figures, do not depend on the number of cores.
 demo: setup
-	$(PY) main.py --procedure demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) main.py --procedure demo
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
