@@ -10,6 +10,7 @@ from datasets.captioning.activitynet import read_captions_csv
 from epoch_loops.demo import DEMO_RL
 from main import main
 from tests.conftest import requires_java
+from tests.test_watch import events
 
 
 @pytest.mark.slow
@@ -54,6 +55,16 @@ def test_demo_agent_beats_both_baselines(tmp_path, capsys):
     assert (run / "agent" / "captioning_results_val_2_e7.json").is_file()
     table = capsys.readouterr().out.split("mean METEOR")[-1]
     assert all(name in table for name in ("most_frequent", "nearest_neighbour", "warm_start"))
+
+    # issue 19: every stage run of the demo can be watched: per-step scalars, validation samples, train.log
+    for stage, samples in (("agent", "val_1/captions"), ("agent_rl_scst", "val_1/captions"), ("proposals", None),
+                           ("ranking/pointwise", "pointwise/dev_rankings"), ("ranking/ppo_clip", "ppo/dev_rankings")):  # fmt: skip
+        folder = run / stage
+        accumulator = events(folder)
+        assert accumulator.Scalars("train/loss") and accumulator.Scalars("train/grad_norm"), stage
+        if samples:
+            assert accumulator.Tensors(f"{samples}/text_summary"), stage
+        assert "best: " in (folder / "train.log").read_text(), stage
 
 
 def test_demo_dry_run_counts_the_agent(tmp_path, capsys):
