@@ -45,6 +45,7 @@ GROUPS: dict[str, str] = {
     "output": "the file pack_features or plot writes",
     "plot": "plot",
     "watching": "per-step TensorBoard scalars of a training run",
+    "precision": "mixed precision (train_rl_cap, the LR2PPO stages)",
     "demo": "the built-in demo dataset",
     "agent": "the BMHRL captioning agent",
     "decoding": "how captions are decoded",
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a checkpoint to resume training from (exact resume; training procedures)",
     )
-    g["captioner_training"].add_argument(
+    g["precision"].add_argument(
         "--amp",
         default=None,
         choices=["none", "bf16", "fp16"],

@@ -58,14 +58,14 @@ RANKING = (
     "ranking_evaluation",
     "metrics",
 )
-STAGE = (*RANKING, "clipping", "ranking_training")
+STAGE = (*RANKING, "clipping", "ranking_training", "precision")
 LETOR_STAGE = ("LETOR", *STAGE)
 
 # fmt: off
 PROCEDURES: dict[str, Procedure] = {
     "demo": Procedure(
         "epoch_loops.demo:demo", "both systems end to end on the built-in demo data, with baselines",
-        ("demo", *AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "RL",
+        ("demo", *AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "precision", "RL",
          "proposals", "proposal_training", "evaluation", "ranking_evaluation", "metrics"),
     ),
     "eval": Procedure(
@@ -89,8 +89,8 @@ PROCEDURES: dict[str, Procedure] = {
     ),
     "train_rl_cap": Procedure(
         "epoch_loops.captioning.train:train_rl_cap", "train the BMHRL captioner: supervised warm start, then RL",
-        (*AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "RL", "evaluation",
-         "metrics"),
+        (*AGENT, "decoding", "epochs", "clipping", "early_stopping", "captioner_training", "precision", "RL",
+         "evaluation", "metrics"),
         trains=True, distributed=True,
     ),
     "train_prop": Procedure(
