@@ -25,7 +25,7 @@ from tests.test_captioning import sample_checkpoint, tiny_argv, write_tiny_datas
 from tests.test_distributed import ENV, TORCHRUN
 from tests.test_precision import VOCAB
 from tests.test_train_critic import CAPTIONS, SMALL, argv_for, write_csv
-from tests.test_train_prop import SMALL_HEADS
+from tests.test_train_prop import SMALL_HEADS, train_prop_argv
 from utilities.config import Config, config_from_argv
 
 CRITIC_B = [
@@ -96,16 +96,14 @@ def test_a_two_process_critic_run_resumed_on_one_process_ends_with_the_uninterru
 def test_train_prop_on_two_processes_trains_the_weights_of_one(tmp_path):
     """--B 8 over 2 processes (4 videos each, padded as the global batch), dropout off; val_1's 7 videos are
     split 3 + 4 and each is proposed for once."""
-    demo = ensure_demo_dataset(tmp_path / "demo", seed=0, n_train=24, n_val=7)
-    sample_checkpoint(tmp_path / "agent")
-    o = demo.config_overrides()
     argv = [
-        "--procedure", "train_prop", "--rl_pretrained_model_dir", str(tmp_path / "agent"),
-        "--train_meta_path", o["train_meta_path"], "--val_1_meta_path", o["val_1_meta_path"],
-        "--video_features_path", o["video_features_path"], "--audio_features_path", o["audio_features_path"],
-        "--reference_paths", *o["reference_paths"], "--B", "8", "--prop_lr", "1e-3", "--device", "cpu",
-        "--log_dir", str(tmp_path / "log"), "--dout_p", "0", "--epoch_num", "2", "--no-progress", *SMALL_HEADS,
-    ]  # fmt: skip
+        *train_prop_argv(tmp_path, n_train=24, n_val=7),
+        "--dout_p",
+        "0",
+        "--epoch_num",
+        "2",
+        "--no-progress",
+    ]
     launch([sys.executable], [*argv, "--exp_name", "one"])
     launch(TORCHRUN, [*argv, "--exp_name", "two"])
     runs = tmp_path / "log" / "train_prop"
@@ -119,7 +117,9 @@ def test_train_prop_on_two_processes_trains_the_weights_of_one(tmp_path):
     for ea, eb in zip(ma["epochs"], mb["epochs"], strict=True):
         assert ea["train_loss"] == pytest.approx(eb["train_loss"], rel=1e-5)
     proposed = json.loads((runs / "two" / "prop_results_val_1_e2_maxprop100.json").read_text())["results"]
-    val_videos = {line.split("\t")[0] for line in Path(o["val_1_meta_path"]).read_text().splitlines()[1:]}
+    val_videos = {
+        line.split("\t")[0] for line in (tmp_path / "demo" / "val_1.csv").read_text().splitlines()[1:]
+    }
     assert sorted(proposed) == sorted(val_videos)
 
 

@@ -37,20 +37,25 @@ SMALL_HEADS = ["--anchors_num_audio", "4", "--anchors_num_video", "6", "--kernel
                "--kernel_sizes_video", "1", "5", "--conv_layers_audio", "32", "32", "--conv_layers_video", "32", "32"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, list[str]]:
-    root = tmp_path_factory.mktemp("train_prop")
-    demo = ensure_demo_dataset(root / "demo", seed=0, n_train=32, n_val=8)
+def train_prop_argv(root: Path, n_train: int, n_val: int) -> list[str]:
+    """train_prop at small sizes on a demo dataset of `n_train` / `n_val` videos under `root`, from a sample
+    agent's encoder (--B 8, logs in root/log)."""
+    demo = ensure_demo_dataset(root / "demo", seed=0, n_train=n_train, n_val=n_val)
     sample_checkpoint(root / "agent")
     o = demo.config_overrides()
-    argv = [
+    return [
         "--procedure", "train_prop", "--rl_pretrained_model_dir", str(root / "agent"),
         "--train_meta_path", o["train_meta_path"], "--val_1_meta_path", o["val_1_meta_path"],
         "--video_features_path", o["video_features_path"], "--audio_features_path", o["audio_features_path"],
         "--reference_paths", *o["reference_paths"], "--B", "8", "--prop_lr", "1e-3", "--device", "cpu",
         "--log_dir", str(root / "log"), *SMALL_HEADS,
     ]  # fmt: skip
-    return root, argv
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("train_prop")
+    return root, train_prop_argv(root, n_train=32, n_val=8)
 
 
 @pytest.fixture(scope="module")

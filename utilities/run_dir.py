@@ -32,6 +32,12 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def say(line: str) -> None:
+    """A console line, printed by rank 0 only under torchrun."""
+    if is_rank0():
+        print(line)
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -51,7 +51,7 @@ from utilities.config import Config
 from utilities.distributed import global_sum, loss_normaliser, share
 from utilities.errors import InputError
 from utilities.log import progress
-from utilities.run_dir import RunDir, is_rank0
+from utilities.run_dir import RunDir, is_rank0, say
 from utilities.seeding import Stream, data_generator, stream_seed
 
 log = logging.getLogger(__name__)
@@ -336,12 +336,6 @@ def train_critic(cfg: Config, run: RunDir) -> None:
                 best["f1"],
                 baseline,
             )
-
-
-def say(line: str) -> None:
-    """A console line, printed by rank 0 only under torchrun."""
-    if is_rank0():
-        print(line)
 
 
 def report_epoch(run: RunDir, cfg: Config, record: dict, improved: bool) -> None:

@@ -57,7 +57,7 @@ from utilities.checkpoint import load_model_state
 from utilities.config import Config
 from utilities.errors import InputError
 from utilities.log import progress
-from utilities.run_dir import RunDir, is_rank0
+from utilities.run_dir import RunDir, is_rank0, say
 from utilities.seeding import Stream, data_generator, stream_seed
 
 
@@ -285,12 +285,6 @@ def run_config(cfg: Config) -> dict:
         "tIoUs": list(cfg.tIoUs),
         "reference_paths": list(cfg.reference_paths),
     }
-
-
-def say(line: str) -> None:
-    """A console line, printed by rank 0 only under torchrun."""
-    if is_rank0():
-        print(line)
 
 
 def report_epoch(run: RunDir, record: dict, improved: bool) -> None:
