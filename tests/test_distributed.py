@@ -262,9 +262,9 @@ def test_a_nan_on_rank_1_stops_every_rank_naming_the_step_and_the_rank(tmp_path)
     assert done.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} stopped: test: non-finite loss" in done.stdout
-    stops = [line for line in done.stdout.splitlines() if "stopped:" in line]
-    assert len(stops) == 2
-    assert all("at optimiser step 1 on rank 1 (epoch 0, batch 3)" in line for line in stops)
+    # the two ranks print concurrently into one pipe: their lines may interleave, so count messages, not lines
+    assert done.stdout.count("stopped: test: non-finite loss") == 2
+    assert done.stdout.count("at optimiser step 1 on rank 1 (epoch 0, batch 3)") == 2
 
 
 def test_a_killed_rank_ends_the_job_non_zero_within_60_s(tmp_path):
