@@ -15,7 +15,7 @@ import torch
 from datasets.demo import ensure_letor_demo, ensure_ranking_demo
 from datasets.loader import prefetched
 from datasets.ranking.lrmovienet import ClipFeatures, LabelBatch, RewardTripletDataset, read_clip_list
-from epoch_loops.ranking.ppo import minibatch_features, minibatch_loss, objective_loss
+from epoch_loops.ranking.ppo import minibatch_features, objective_loss
 from main import build_parser, main
 from model.ranking.scorer import LabelRankingConfig
 from tests.conftest import REPO
@@ -236,7 +236,7 @@ def test_prefetched_minibatch_features_are_those_of_a_direct_read(demo, trained,
             torch.equal(getattr(batch, f), getattr(direct, f)) for f in ("frames", "text", "labels", "mask")
         )
         assert torch.equal(
-            objective_loss(cfg, models, part, batch)[0], minibatch_loss(cfg, models, dataset, part)[0]
+            objective_loss(cfg, models, part, batch)[0], objective_loss(cfg, models, part, direct)[0]
         )
     pinned = []
     monkeypatch.setattr(LabelBatch, "pin_memory", lambda self: pinned.append(self) or self)

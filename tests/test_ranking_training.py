@@ -17,7 +17,14 @@ from datasets.demo import ensure_ranking_demo
 from datasets.ranking.lrmovienet import PPOPairDataset, read_clip_list
 from epoch_loops.ranking import stages as ranking
 from epoch_loops.ranking.checkpoints import RankingWeights, model_sizes, read_ranking_weights
-from epoch_loops.ranking.ppo import build_models, collect, minibatch_loss, stage_sizes, update
+from epoch_loops.ranking.ppo import (
+    build_models,
+    collect,
+    minibatch_features,
+    objective_loss,
+    stage_sizes,
+    update,
+)
 from epoch_loops.ranking.stages import open_features
 from epoch_loops.training import Optimisation, adamw, linear_schedule
 from main import build_parser, main
@@ -183,7 +190,7 @@ def test_rollout_buffer_holds_ids_and_scalars_only(demo, trained):
 def test_clip_objective_starts_at_ratio_one_with_nothing_clipped(demo, trained):
     cfg, models, dataset, rollout = ppo_setup(demo, trained, "clip")
     rollout.advantage = torch.randn(len(rollout))
-    loss, stats = minibatch_loss(cfg, models, dataset, rollout)
+    loss, stats = objective_loss(cfg, models, rollout, minibatch_features(dataset, rollout))
     assert torch.isfinite(loss)
     assert stats["clip_fraction"] == 0 and abs(float(stats["approx_kl"])) < 1e-6
     assert float(stats["kl_ref"]) >= 0 and float(stats["kl_ref"]) < 1e-6  # the actor is still the reference

@@ -402,14 +402,6 @@ def minibatch_features(dataset: PPOPairDataset, part: Rollout) -> LabelBatch:
     return dataset.fetch(part.clip_ids, part.labels.tolist(), part.frame_keys.tolist())
 
 
-def minibatch_loss(
-    cfg: Config, models: PPOModels, dataset: PPOPairDataset, part: Rollout
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Re-read the minibatch's features in this thread and compute the objective's loss (what `update` does
-    with the features read ahead)."""
-    return objective_loss(cfg, models, part, minibatch_features(dataset, part).to(cfg.device))
-
-
 def objective_loss(
     cfg: Config, models: PPOModels, part: Rollout, batch: LabelBatch
 ) -> tuple[Tensor, dict[str, Tensor]]:
