@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,17 +183,15 @@ def test_target_wider_than_the_alignment_model_names_file_and_line(tmp_path, cap
     assert err.count("\n") == 1
 
 
+def stage_argv(tmp_path: Path, source_dir: Path, target_dir: Path) -> list[str]:
+    """One epoch of a LETOR stage at the small sizes, its cache and logs under `tmp_path`."""
+    return [*SMALL, "--source_dir", str(source_dir), "--target_dir", str(target_dir), "--epochs_num", "1",
+            "--letor_cache_dir", str(tmp_path / "cache"), "--log_dir", str(tmp_path / "log")]  # fmt: skip
+
+
 def test_stages_run_from_main_on_generated_folds(tmp_path):
     demo = ensure_letor_demo(tmp_path / "demo", queries=(6, 4, 3, 3), align_target_queries=3)
-    common = [*SMALL, "--source_dir", str(demo.source_dir), "--target_dir", str(demo.target_dir)]
-    common += [
-        "--letor_cache_dir",
-        str(tmp_path / "cache"),
-        "--log_dir",
-        str(tmp_path / "log"),
-        "--epochs_num",
-        "1",
-    ]
+    common = stage_argv(tmp_path, demo.source_dir, demo.target_dir)
     common += ["--batch_size", "4", "--report_steps", "2", "--max_tags", "2", "--reward_val_triplets", "2"]
 
     def stage(procedure, task, name, *extra):
@@ -347,15 +346,7 @@ def test_real_mq2008_rows_as_the_target_through_alignment_pointwise_and_eval(sha
         (folder / "train.txt").write_text((shared_data / "letor" / "mq2008_sample_a.txt").read_text())
         (folder / "vali.txt").write_text("\n".join(vali) + "\n")
         (folder / "test.txt").write_text("\n".join(test) + "\n")
-    common = [*SMALL, "--source_dir", str(demo.source_dir), "--target_dir", str(tmp_path / "MQ2008")]
-    common += [
-        "--letor_cache_dir",
-        str(tmp_path / "cache"),
-        "--log_dir",
-        str(tmp_path / "log"),
-        "--epochs_num",
-        "1",
-    ]
+    common = stage_argv(tmp_path, demo.source_dir, tmp_path / "MQ2008")
     common += ["--batch_size", "8", "--report_steps", "5"]
     out = {name: tmp_path / f"{name}.json" for name in ("align", "first", "M", "C")}
     assert main(["--procedure", "pointwise", "--task", "letor_align", "--exp_name", "align", *common]) == 0
