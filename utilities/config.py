@@ -1,7 +1,7 @@
 """The run configuration: parsed flags as one object, saved as `config.json` in every run directory.
 
-`--config run_dir/config.json` (or the run folder itself) reloads a saved run's settings as its user gave them (`--device auto` stays
-'auto'); flags given explicitly on the command line win over it. What names one run rather than describing it
+`--config run_dir/config.json` (or the run folder itself) reloads a saved run's settings as its user gave them
+(`--device auto` stays 'auto'); flags given explicitly on the command line win over it. What names one run rather than describing it
 (`--exp_name`, `--resume`, `--config`) is never taken from the file: the reloaded run gets its own directory.
 """
 
@@ -103,6 +103,12 @@ def nearest(word: str, candidates: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    """`did you mean X? ` for the choice nearest to a mistyped `value`, or nothing."""
+    match = nearest(str(value), map(str, choices))
+    return f"did you mean {match}? " if match else ""
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """A bad flag or value is reported on one line (no usage dump, no traceback); a mistyped flag name or
     choice names the nearest one."""
@@ -123,11 +129,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is not None and value not in action.choices:
-            choices = [str(c) for c in action.choices]
-            match = nearest(str(value), choices)
-            hint = f"did you mean {match}? " if match else ""
+            choices = ", ".join(map(str, action.choices))
             raise argparse.ArgumentError(
-                action, f"invalid choice: {value!r} ({hint}choose from {', '.join(choices)})"
+                action,
+                f"invalid choice: {value!r} ({did_you_mean(value, action.choices)}choose from {choices})",
             )
 
 
@@ -241,10 +246,9 @@ def _check_ranges(parser: argparse.ArgumentParser, settings: dict[str, Any], sou
             except (argparse.ArgumentTypeError, ValueError) as e:
                 parser.error(f"{source}: {action.dest} {item!r}: {e}")
             if action.choices is not None and item not in action.choices:
-                match = nearest(str(item), map(str, action.choices))
-                hint = f"did you mean {match}? " if match else ""
                 parser.error(
-                    f"{source}: {action.dest} {item!r}: {hint}expected one of {', '.join(map(str, action.choices))}"
+                    f"{source}: {action.dest} {item!r}: {did_you_mean(item, action.choices)}expected one of "
+                    f"{', '.join(map(str, action.choices))}"
                 )
 
 
