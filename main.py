@@ -28,7 +28,7 @@ from utilities.config import (
     tiou,
 )
 from utilities.errors import InputError, ToolError, TrainingError
-from utilities.run_dir import is_rank0
+from utilities.run_dir import is_rank0, launched_world_size
 
 # The flag groups, in the order the full help prints them. A procedure's registry entry names the groups it reads
 # (epoch_loops/procedures.py), and `--procedure NAME --help` prints only those: a new flag joins one group here.
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def rank_prefix() -> str:
     """'rank R: ' under torchrun (torchrun ends the other ranks when one exits with an error), else ''."""
-    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f"rank {os.environ['RANK']}: " if launched_world_size() > 1 else ""
 
 
 if __name__ == "__main__":
